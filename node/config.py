@@ -1,0 +1,269 @@
+"""Configuration: one TOML file, validated as a whole before the node uses any of it.
+
+Every setting has an embedded default, so ``modelnode serve`` with no file runs a node
+(AE title MODELNODE, port 11112, SQLite in the data directory). ``config/modelnode.toml`` is the
+documented example. The schema is the dataclasses below: a section is a dataclass, a key is a
+field, and :func:`load_config` reports every problem with its dotted key, not just the first.
+
+Data directory, in order: ``[storage] data_dir`` in the file, ``$MODELNODE_DATA_DIR``, then
+``$XDG_DATA_HOME/modelnode`` (``~/.local/share/modelnode``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no controls
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; ``problems`` lists (dotted key, reason) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "") -> None:
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  {k}: {r}" for k, r in problems)
+        super().__init__(f"{len(problems)} configuration error(s){where}:\n{lines}")
+
+
+@dataclass
+class Peer:
+    """A known DICOM peer: a C-MOVE destination and, with the allow-list on, a permitted caller."""
+
+    ae_title: str
+    host: str
+    port: int
+    # What this peer may do when it calls us (issue 7 fills in the enforcement).
+    permissions: list[str] = field(default_factory=lambda: ["echo", "store-images", "store-models", "query", "retrieve"])
+    tls: bool = False
+
+
+@dataclass
+class NodeSection:
+    ae_title: str = "MODELNODE"
+    bind: str = "0.0.0.0"
+    port: int = 11112
+    max_pdu: int = 262144  # bytes; 0 means unlimited
+    max_associations: int = 16
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 120.0
+    # Reject callers that are not listed in [[peers]] (by AE title, and host when given).
+    allow_list: bool = False
+    # Require the called AE title to be ours (some scanners get this wrong; off by default).
+    require_called_ae: bool = False
+
+
+@dataclass
+class StorageSection:
+    data_dir: str = ""
+    # fsync every file and directory before a C-STORE success. Turn off only on a disposable node.
+    fsync: bool = True
+    # What a second instance with a known SOP Instance UID does: "replace" (newest wins) or "reject".
+    duplicate_policy: str = "replace"
+
+
+@dataclass
+class DatabaseSection:
+    url: str = ""  # default sqlite:///<data_dir>/modelnode.db
+
+
+@dataclass
+class ModelsSection:
+    max_payload_bytes: int = 1 << 30
+
+
+@dataclass
+class AnatomySection:
+    # A site's own free text -> PS3.16 Annex L term or SNOMED CT code, e.g. "THX" = "CHEST".
+    synonyms: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LoggingSection:
+    level: str = "INFO"
+    format: str = "text"  # text | json
+
+
+@dataclass
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    database: DatabaseSection = field(default_factory=DatabaseSection)
+    models: ModelsSection = field(default_factory=ModelsSection)
+    anatomy: AnatomySection = field(default_factory=AnatomySection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    peers: list[Peer] = field(default_factory=list)
+    source: str = ""  # the file it came from, "" for the embedded defaults
+
+    @property
+    def data_dir(self) -> Path:
+        if self.storage.data_dir:
+            return Path(self.storage.data_dir).expanduser()
+        env = os.environ.get("MODELNODE_DATA_DIR")
+        if env:
+            return Path(env).expanduser()
+        xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(xdg) / "modelnode"
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{(self.data_dir / 'modelnode.db').resolve()}"
+
+    def peer(self, ae_title: str) -> Peer | None:
+        for p in self.peers:
+            if p.ae_title == ae_title:
+                return p
+        return None
+
+
+# --------------------------------------------------------------------------- generic loader
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[tuple[str, str]]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append((key, f"must be a table, got {type(value).__name__}"))
+            return tp() if _has_defaults(tp) else None
+        return _build(tp, value, key, problems)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append((key, f"must be a list, got {type(value).__name__}"))
+            return []
+        return [_convert(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            problems.append((key, "must be a table of strings"))
+            return {}
+        return {str(k): v for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        problems.append((key, f"must be {_type_name(tp)}, got {type(value).__name__} {value!r}"))
+        return None
+    return value
+
+
+def _has_defaults(tp: Any) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(tp))
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str, problems: list[tuple[str, str]]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    for k in data:
+        if k not in names:
+            problems.append((f"{prefix}.{k}" if prefix else k, "unknown key"))
+    for f in dataclasses.fields(cls):
+        if f.name == "source" or f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name != "source":
+                problems.append((f"{prefix}.{f.name}" if prefix else f.name, "is required"))
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = _convert(data[f.name], hints[f.name], key, problems)
+        if value is not None:
+            kwargs[f.name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return None
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+PERMISSIONS = {"echo", "store-images", "store-models", "query", "retrieve"}
+
+
+def _check(cfg: Config, problems: list[tuple[str, str]]) -> None:
+    n = cfg.node
+    if not _AE_RE.match(n.ae_title) or n.ae_title != n.ae_title.strip():
+        problems.append(("node.ae_title", f"{n.ae_title!r} is not a valid AE title (1-16 characters, no backslash)"))
+    try:
+        ipaddress.ip_address(n.bind)
+    except ValueError:
+        if not re.match(r"^[A-Za-z0-9.-]+$", n.bind):
+            problems.append(("node.bind", f"{n.bind!r} is neither an IP address nor a host name"))
+    if not 0 < n.port < 65536:
+        problems.append(("node.port", f"{n.port} is not a TCP port (1-65535)"))
+    if n.max_pdu and not 4096 <= n.max_pdu <= 0xFFFFFFFF:
+        problems.append(("node.max_pdu", "must be 0 (unlimited) or 4096 to 4294967295 bytes"))
+    if n.max_associations < 1:
+        problems.append(("node.max_associations", "must be at least 1"))
+    for key in ("acse_timeout", "dimse_timeout", "network_timeout"):
+        if getattr(n, key) <= 0:
+            problems.append((f"node.{key}", "must be a positive number of seconds"))
+    if cfg.storage.duplicate_policy not in ("replace", "reject"):
+        problems.append(("storage.duplicate_policy", "must be 'replace' or 'reject'"))
+    if cfg.models.max_payload_bytes <= 0 or cfg.models.max_payload_bytes > (2 << 30):
+        problems.append(("models.max_payload_bytes", "must be positive and at most 2 GiB (the ONNX protobuf limit)"))
+    url = cfg.database.url
+    if url and not (url.startswith("sqlite:") or url.startswith("postgres")):
+        problems.append(("database.url", "must start with sqlite:/// or postgresql://"))
+    if cfg.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        problems.append(("logging.level", "must be DEBUG, INFO, WARNING or ERROR"))
+    if cfg.logging.format not in ("text", "json"):
+        problems.append(("logging.format", "must be 'text' or 'json'"))
+    seen: set[str] = set()
+    for i, p in enumerate(cfg.peers):
+        if p is None:
+            continue
+        key = f"peers[{i}]"
+        if not _AE_RE.match(p.ae_title or ""):
+            problems.append((f"{key}.ae_title", f"{p.ae_title!r} is not a valid AE title"))
+        if p.ae_title in seen:
+            problems.append((f"{key}.ae_title", f"duplicate peer {p.ae_title!r}"))
+        seen.add(p.ae_title)
+        if not 0 < p.port < 65536:
+            problems.append((f"{key}.port", f"{p.port} is not a TCP port"))
+        for perm in p.permissions:
+            if perm not in PERMISSIONS:
+                problems.append((f"{key}.permissions", f"unknown permission {perm!r}; known: {sorted(PERMISSIONS)}"))
+
+
+def parse_config(data: dict[str, Any], source: str = "") -> Config:
+    problems: list[tuple[str, str]] = []
+    cfg = _build(Config, data, "", problems)
+    if cfg is None:
+        raise ConfigError(problems, source)
+    cfg.peers = [p for p in cfg.peers if p is not None]
+    _check(cfg, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    cfg.source = source
+    return cfg
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load and validate ``path``; with None, ``$MODELNODE_CONFIG`` or the embedded defaults."""
+    if path is None:
+        path = os.environ.get("MODELNODE_CONFIG") or None
+    if path is None:
+        return parse_config({})
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError([("<file>", f"{path} does not exist")], str(path)) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([("<file>", f"not valid TOML: {exc}")], str(path)) from exc
+    return parse_config(data, str(path))

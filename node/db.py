@@ -1,0 +1,78 @@
+"""The database: one peewee proxy that every table binds to, opened from a URL.
+
+SQLite in WAL mode is the embedded default (``sqlite:///path/modelnode.db``). A site that runs
+several nodes against one registry gives a PostgreSQL URL (``postgresql://user@host/db``) and
+installs the ``postgres`` extra.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import peewee
+from playhouse.db_url import connect
+
+log = logging.getLogger(__name__)
+
+database_proxy = peewee.DatabaseProxy()
+
+# WAL lets the C-FIND readers run while a C-STORE writes; synchronous=FULL because a success
+# status promises the index row survives a power cut, not just a crash of this process.
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "full",
+    "foreign_keys": 1,
+    "busy_timeout": 10000,
+    "cache_size": -32 * 1024,
+}
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = database_proxy
+
+
+def sqlite_url(path: str | Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def open_database(url: str) -> peewee.Database:
+    """Connect to ``url``, bind the proxy to it and create any missing tables."""
+    if url.startswith("sqlite:"):
+        path = url.split("sqlite:///", 1)[-1] if url.startswith("sqlite:///") else url[len("sqlite:"):]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = peewee.SqliteDatabase(path or ":memory:", pragmas=SQLITE_PRAGMAS, check_same_thread=False)
+    else:
+        db = connect(url)
+    database_proxy.initialize(db)
+    db.connect(reuse_if_open=True)
+    from node import index, registry  # noqa: F401  (import registers the tables)
+
+    db.create_tables(all_tables(), safe=True)
+    log.debug("database open: %s", _redact(url))
+    return db
+
+
+def all_tables() -> list[type[peewee.Model]]:
+    """Every table, in dependency order."""
+    def walk(cls: type) -> list[type]:
+        out = []
+        for sub in cls.__subclasses__():
+            out.append(sub)
+            out.extend(walk(sub))
+        return out
+
+    tables = [t for t in walk(BaseModel) if not getattr(t._meta, "abstract", False)]
+    return peewee.sort_models(tables)
+
+
+def _redact(url: str) -> str:
+    """A URL fit for logs: the password, if any, replaced."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url

@@ -1,0 +1,245 @@
+"""The model registry: verified model objects, indexed by every searchable field of their cards.
+
+A model enters the registry only after :func:`iods.model_object.unpack_file` has verified it
+(checksum, onnx.checker, signature against the card). Its file goes into the content-addressed
+object store and its instance into the instance index, so C-FIND, C-MOVE and C-GET see it like any
+other instance.
+
+Duplicates: a model version is immutable. Storing the same SOP Instance UID again with the same
+bytes is a no-op that succeeds; with different bytes it is refused (:class:`ModelConflict`):
+publish a new version (a new UID whose card names the old one as ``provenance.parent_uid``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import peewee
+
+from iods import model_object
+from iods.card import ModelCard, card_from_json
+from node import index
+from node.db import BaseModel, database_proxy
+from node.storage import ObjectStore, StoredObject
+
+log = logging.getLogger(__name__)
+
+
+class ModelConflict(ValueError):
+    """The SOP Instance UID is registered with different content."""
+
+    code = "model-conflict"
+
+
+class ModelRecord(BaseModel):
+    uid = peewee.CharField(max_length=64, unique=True)  # = SOP Instance UID = card identity.uid
+    name = peewee.CharField(max_length=64, index=True)
+    version = peewee.CharField(max_length=64)
+    manufacturer = peewee.CharField(max_length=64, default="")
+    licence = peewee.CharField(max_length=64, default="")
+    intended_use = peewee.TextField(default="")
+    created = peewee.CharField(max_length=10, default="")
+    task = peewee.CharField(max_length=16, index=True)
+    layout = peewee.CharField(max_length=4)
+    channels = peewee.IntegerField(default=1)
+    min_slices = peewee.IntegerField(default=1)
+    parent_uid = peewee.CharField(max_length=64, default="", index=True)
+    study_uid = peewee.CharField(max_length=64)
+    series_uid = peewee.CharField(max_length=64)
+    payload_sha256 = peewee.CharField(max_length=64)
+    payload_length = peewee.BigIntegerField()
+    file_digest = peewee.CharField(max_length=64)
+    file_size = peewee.BigIntegerField()
+    card_json = peewee.TextField()
+    source = peewee.CharField(max_length=64, default="")
+    added_at = peewee.DateTimeField(default=_dt.datetime.now)
+
+    @property
+    def card(self) -> ModelCard:
+        return card_from_json(self.card_json)
+
+    def terms(self, kind: str) -> list[ModelTerm]:
+        return [t for t in self.term_rows if t.kind == kind]
+
+
+class ModelTerm(BaseModel):
+    """One searchable value of a model: a modality, body part, anatomy or finding code."""
+
+    model = peewee.ForeignKeyField(ModelRecord, backref="term_rows", on_delete="CASCADE")
+    kind = peewee.CharField(max_length=16)  # modality | body_part | anatomy | finding | laterality
+    scheme = peewee.CharField(max_length=16, default="")
+    value = peewee.CharField(max_length=64)
+    meaning = peewee.CharField(max_length=128, default="")
+
+    class Meta:
+        indexes = ((("kind", "scheme", "value"), False),)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Filters for :meth:`Registry.list`; empty fields do not filter."""
+
+    name: str = ""
+    modality: str = ""
+    body_part: str = ""
+    anatomy: str = ""  # SNOMED CT code value
+    finding: str = ""  # SNOMED CT code value
+    task: str = ""
+    version: str = ""
+
+
+def _terms(card: ModelCard) -> Iterable[tuple[str, str, str, str]]:
+    t = card.target
+    for m in t.modalities:
+        yield "modality", "", m, ""
+    for bp in t.body_parts:
+        yield "body_part", "", bp, ""
+    for c in t.anatomy:
+        yield "anatomy", c.scheme, c.value, c.meaning
+    for c in t.findings:
+        yield "finding", c.scheme, c.value, c.meaning
+    if t.laterality:
+        yield "laterality", "", t.laterality, ""
+
+
+class Registry:
+    def __init__(self, store: ObjectStore, *, max_payload: int = model_object.DEFAULT_MAX_PAYLOAD) -> None:
+        self.store = store
+        self.max_payload = max_payload
+
+    # ------------------------------------------------------------------ writes
+
+    def add_file(
+        self, path: str | Path, *, source: str = "cli", progress: Callable[[int], None] | None = None
+    ) -> tuple[ModelRecord, bool]:
+        """Verify and register a model object file. Returns (record, True if newly added)."""
+        card = model_object.unpack_file(path, None, max_payload=self.max_payload, progress=progress)
+        stored = self.store.put_file(path)
+        ds = model_object.read_file(stored.path)
+        return self.register_stored(ds, stored, card=card, source=source)
+
+    def register_stored(
+        self,
+        ds,  # pydicom Dataset read from ``stored.path`` (payload may stay deferred)
+        stored: StoredObject,
+        *,
+        card: ModelCard | None = None,
+        source: str = "",
+        transfer_syntax: str | None = None,
+    ) -> tuple[ModelRecord, bool]:
+        """Index a model object already verified and in the store. Idempotent for equal content."""
+        if card is None:
+            card, _ = model_object.read_card(ds, max_payload=self.max_payload)
+        _, payload = model_object.read_card(ds, max_payload=self.max_payload)
+        uid = str(ds.SOPInstanceUID)
+        db = database_proxy.obj
+        with db.atomic():
+            existing = ModelRecord.get_or_none(ModelRecord.uid == uid)
+            if existing is not None:
+                if existing.payload_sha256 == payload.sha256 and existing.card_json == card.to_json():
+                    return existing, False
+                raise ModelConflict(
+                    f"model {uid} ({existing.name} {existing.version}) is already registered with a different "
+                    "payload or card; a model version is immutable, publish a new version with its own UID"
+                )
+            ts = transfer_syntax or str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", model_object.ExplicitVRLittleEndian))
+            index.index_instance(ds, digest=stored.digest, size=stored.size, transfer_syntax=ts, calling_ae=source, is_model=True)
+            ident = card.identity
+            record = ModelRecord.create(
+                uid=uid,
+                name=ident.name,
+                version=ident.version,
+                manufacturer=ident.manufacturer,
+                licence=ident.licence,
+                intended_use=ident.intended_use,
+                created=ident.created,
+                task=card.task.type,
+                layout=card.input.layout,
+                channels=card.input.channels,
+                min_slices=card.input.min_slices,
+                parent_uid=card.provenance.parent_uid,
+                study_uid=str(ds.StudyInstanceUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                payload_sha256=payload.sha256,
+                payload_length=payload.length,
+                file_digest=stored.digest,
+                file_size=stored.size,
+                card_json=card.to_json(),
+                source=source[:64],
+            )
+            ModelTerm.insert_many(
+                [{"model": record, "kind": k, "scheme": s, "value": v, "meaning": m[:128]} for k, s, v, m in _terms(card)]
+            ).execute()
+        log.info("model registered: %s %s (%s) from %s", ident.name, ident.version, uid, source or "local")
+        return record, True
+
+    def remove(self, uid: str) -> ModelRecord | None:
+        """Remove a model and its file (when no other instance shares the bytes)."""
+        db = database_proxy.obj
+        with db.atomic():
+            record = ModelRecord.get_or_none(ModelRecord.uid == uid)
+            if record is None:
+                return None
+            record.delete_instance(recursive=True)
+            index.remove_instance(uid)
+            in_use = index.digest_in_use(record.file_digest)
+        if not in_use:
+            self.store.remove(record.file_digest)
+        log.info("model removed: %s %s (%s)", record.name, record.version, uid)
+        return record
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, uid: str) -> ModelRecord | None:
+        return ModelRecord.get_or_none(ModelRecord.uid == uid)
+
+    def path(self, record: ModelRecord) -> Path:
+        return self.store.path(record.file_digest)
+
+    def list(self, filters: Filters | None = None) -> list[ModelRecord]:
+        f = filters or Filters()
+        q = ModelRecord.select()
+        if f.name:
+            q = q.where(ModelRecord.name.contains(f.name) if "*" not in f.name else ModelRecord.name % f.name)
+        if f.task:
+            q = q.where(ModelRecord.task == f.task)
+        if f.version:
+            q = q.where(ModelRecord.version == f.version)
+        for kind, value in (("modality", f.modality), ("body_part", f.body_part), ("anatomy", f.anatomy), ("finding", f.finding)):
+            if value:
+                sub = ModelTerm.select(ModelTerm.model).where((ModelTerm.kind == kind) & (ModelTerm.value == value.upper() if kind in ("modality", "body_part") else ModelTerm.value == value))
+                q = q.where(ModelRecord.id.in_(sub))
+        rows = list(q.order_by(ModelRecord.name, ModelRecord.created, ModelRecord.version))
+        return rows
+
+    def all_with_terms(self) -> list[ModelRecord]:
+        """Every model with its terms prefetched (for the selection algorithm)."""
+        return list(peewee.prefetch(ModelRecord.select().order_by(ModelRecord.uid), ModelTerm.select()))
+
+
+def record_summary(record: ModelRecord) -> dict:
+    """A JSON-friendly view of a registered model (for ``models show`` and ``models list --json``)."""
+    card = record.card
+    return {
+        "uid": record.uid,
+        "name": record.name,
+        "version": record.version,
+        "task": record.task,
+        "modalities": list(card.target.modalities),
+        "body_parts": list(card.target.body_parts),
+        "anatomy": [f"{c.scheme}:{c.value} {c.meaning}" for c in card.target.anatomy],
+        "findings": [f"{c.scheme}:{c.value} {c.meaning}" for c in card.target.findings],
+        "classes": [c.label for c in card.task.classes],
+        "parent_uid": record.parent_uid,
+        "payload_sha256": record.payload_sha256,
+        "payload_length": record.payload_length,
+        "file_digest": record.file_digest,
+        "added_at": record.added_at.isoformat(timespec="seconds") if isinstance(record.added_at, _dt.datetime) else str(record.added_at),
+        "source": record.source,
+        "card": json.loads(record.card_json),
+    }

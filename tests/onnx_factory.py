@@ -1,0 +1,63 @@
+"""Small, real ONNX graphs built with onnx.helper for tests (no torch needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def segmentation_model(classes: int = 2, channels: int = 1, weight_elems: int = 0, seed: int = 0) -> bytes:
+    """A 1x1 convolution followed by a sigmoid: [N, C, H, W] -> [N, K, H, W] probabilities.
+
+    ``weight_elems`` adds an unused-by-shape but real initializer (folded into the bias path) so
+    tests can build models of any size without changing the graph's signature.
+    """
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((classes, channels, 1, 1)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(classes, np.float32), "b")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["logits"]),
+             helper.make_node("Sigmoid", ["logits"], ["probabilities"])]
+    inits = [w, b]
+    if weight_elems:
+        big = numpy_helper.from_array(rng.standard_normal(weight_elems).astype(np.float32), "ballast")
+        inits.append(big)
+        # ReduceSum(ballast) * 0 added to the logits keeps the ballast in the graph for real.
+        zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+        inits.append(zero)
+        nodes = [helper.make_node("ReduceSum", ["ballast"], ["bsum"], keepdims=0),
+                 helper.make_node("Mul", ["bsum", "zero"], ["bzero"]),
+                 helper.make_node("Conv", ["x", "w", "b"], ["conv"]),
+                 helper.make_node("Add", ["conv", "bzero"], ["logits"]),
+                 helper.make_node("Sigmoid", ["logits"], ["probabilities"])]
+    graph = helper.make_graph(
+        nodes, "seg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, "H", "W"])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes, "H", "W"])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="modelnode-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def classification_model(classes: int = 3, channels: int = 1, size: int = 32) -> bytes:
+    """Global average pool + Gemm + softmax: [N, C, size, size] -> [N, K]."""
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.standard_normal((classes, channels)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.zeros(classes, np.float32), "b")
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], transB=1),
+             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "cls",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, size, size])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes])],
+        [w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="modelnode-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()

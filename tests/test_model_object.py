@@ -1,0 +1,231 @@
+"""The model object: encoding, verification, refusals, and what dciodvfy says of it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import replace
+
+import pydicom
+import pytest
+from cards import segmentation_card_dict
+from onnx_factory import classification_model, segmentation_model
+from peers import require
+from pydicom.dataelem import DataElement
+from pydicom.uid import ImplicitVRLittleEndian
+
+from iods import model_object as mo
+from iods.card import parse_card
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _tag(offset: int) -> int:
+    return (mo.PRIVATE_GROUP << 16) | 0x1000 | offset
+
+
+@pytest.fixture
+def packed(tmp_path, seg_onnx, seg_card):
+    path = tmp_path / "model.dcm"
+    mo.write(mo.encode(seg_onnx, seg_card), path)
+    return path
+
+
+def test_encode_decode_returns_the_same_bytes_and_card(packed, seg_onnx, seg_card):
+    ds = pydicom.dcmread(packed)
+    payload, card = mo.decode(ds)
+    assert payload == seg_onnx
+    assert card.identity.name == seg_card.identity.name
+    assert card.identity.uid == ds.SOPInstanceUID  # the model UID is the instance UID
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert ds.SOPClassUID == mo.RAW_DATA_STORAGE
+
+
+def test_searchable_metadata_is_in_standard_attributes(packed):
+    ds = pydicom.dcmread(packed)
+    assert ds.Modality == "CT"
+    assert ds.BodyPartExamined == "CHEST"
+    assert ds.SeriesDescription == "test-lung-seg 1.0.0"
+    assert ds.StudyDescription == "test-lung-seg"
+    assert ds.SoftwareVersions == "1.0.0"
+    assert ds.PatientID == mo.LIBRARY_PATIENT_ID
+    regions = [i.ConceptCodeSequence[0].CodeValue for i in ds.AcquisitionContextSequence
+               if i.ConceptNameCodeSequence[0].CodeValue == mo.TARGET_REGION.value]
+    findings = [i.ConceptCodeSequence[0].CodeValue for i in ds.AcquisitionContextSequence
+                if i.ConceptNameCodeSequence[0].CodeValue == mo.FINDING.value]
+    assert regions == ["39607008", "51185008"]
+    assert findings == ["27925004"]
+    # Private payload sits in a reserved block, never in the 0x0010-0x00FF creator range.
+    assert ds[(mo.PRIVATE_GROUP << 16) | 0x0010].value == mo.PRIVATE_CREATOR
+    assert _tag(mo.EL_PAYLOAD) in ds
+
+
+def test_versions_share_a_study_and_get_their_own_series(seg_onnx):
+    v1 = mo.encode(seg_onnx, parse_card(segmentation_card_dict(version="1.0.0")))
+    v2_card = parse_card(segmentation_card_dict(version="1.1.0"))
+    v2_card = replace(v2_card, provenance=replace(v2_card.provenance, parent_uid=str(v1.SOPInstanceUID)))
+    v2 = mo.encode(seg_onnx, v2_card)
+    assert v1.StudyInstanceUID == v2.StudyInstanceUID
+    assert v1.SeriesInstanceUID != v2.SeriesInstanceUID
+    assert v1.SOPInstanceUID != v2.SOPInstanceUID
+    ref = v2.ReferencedInstanceSequence[0]
+    assert ref.ReferencedSOPInstanceUID == v1.SOPInstanceUID
+    assert mo.decode(v2)[1].provenance.parent_uid == v1.SOPInstanceUID
+
+
+def test_packing_is_deterministic(tmp_path, seg_onnx, seg_card):
+    a, b = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    mo.write(mo.encode(seg_onnx, seg_card), a)
+    mo.write(mo.encode(seg_onnx, seg_card), b)
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.peers
+def test_dciodvfy_reports_no_errors(tmp_path, seg_onnx, seg_card):
+    dciodvfy = require("dciodvfy")
+    parent = mo.encode(seg_onnx, seg_card)
+    child_card = parse_card(segmentation_card_dict(version="2.0.0"))
+    child_card = replace(child_card, provenance=replace(child_card.provenance, parent_uid=str(parent.SOPInstanceUID)))
+    for name, ds in (("parent", parent), ("child", mo.encode(seg_onnx, child_card))):
+        path = tmp_path / f"{name}.dcm"
+        mo.write(ds, path)
+        res = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=30)
+        out = res.stdout + res.stderr
+        assert "RawData" in out
+        errors = [line for line in out.splitlines() if "Error" in line]
+        assert errors == [], out
+        # Only our private elements are unknown to dciodvfy; no standard attribute is amiss.
+        warnings = [line for line in out.splitlines() if "Warning" in line and "0x4d4d" not in line]
+        assert warnings == [], out
+
+
+def test_implicit_vr_round_trip(tmp_path, packed, seg_onnx):
+    ds = pydicom.dcmread(packed)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    out = tmp_path / "implicit.dcm"
+    ds.save_as(out, implicit_vr=True, little_endian=True)
+    back = pydicom.dcmread(out)
+    assert back.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert mo.decode(back)[0] == seg_onnx
+    assert mo.unpack_file(out, tmp_path / "x.onnx").identity.name == "test-lung-seg"
+    assert (tmp_path / "x.onnx").read_bytes() == seg_onnx
+
+
+def test_private_elements_arriving_as_un_are_accepted(tmp_path, packed, seg_onnx):
+    """A PACS without our private dictionary returns the block as UN in Explicit VR."""
+    ds = pydicom.dcmread(packed)
+    raw = pydicom.filewriter.write_dataset  # noqa: F841 (documenting that we re-encode below)
+    for offset in (mo.EL_FORMAT, mo.EL_LENGTH, mo.EL_SHA256, mo.EL_SCHEMA, mo.EL_CARD, mo.EL_PAYLOAD):
+        elem = ds[_tag(offset)]
+        if elem.VR == "UL":
+            value = int(elem.value).to_bytes(4, "little")
+        elif isinstance(elem.value, bytes):
+            value = elem.value
+        else:
+            value = str(elem.value).encode()
+            value += b" " * (len(value) % 2)
+        ds[_tag(offset)] = DataElement(_tag(offset), "UN", value)
+    out = tmp_path / "un.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    back = pydicom.dcmread(out)
+    assert back[_tag(mo.EL_PAYLOAD)].VR in ("UN", "OB")
+    assert mo.decode(back)[0] == seg_onnx
+    assert mo.unpack_file(out, tmp_path / "un.onnx") is not None
+    assert (tmp_path / "un.onnx").read_bytes() == seg_onnx
+
+
+# ---------------------------------------------------------------- refusals, each distinct
+
+
+def _refusal(path) -> mo.ModelObjectError:
+    with pytest.raises(mo.ModelObjectError) as err:
+        mo.unpack_file(path, path.with_suffix(".onnx"))
+    assert not path.with_suffix(".onnx").exists(), "nothing unverified may be written"
+    with pytest.raises(type(err.value)):
+        mo.decode(pydicom.dcmread(path))
+    return err.value
+
+
+def test_tampered_payload_is_refused(packed):
+    ds = pydicom.dcmread(packed)
+    payload = bytearray(ds[_tag(mo.EL_PAYLOAD)].value)
+    payload[len(payload) // 2] ^= 0xFF
+    ds[_tag(mo.EL_PAYLOAD)].value = bytes(payload)
+    ds.save_as(packed)
+    err = _refusal(packed)
+    assert isinstance(err, mo.ChecksumMismatch)
+    assert "does not match the recorded" in str(err)
+
+
+def test_wrong_checksum_is_refused(packed):
+    ds = pydicom.dcmread(packed)
+    ds[_tag(mo.EL_SHA256)].value = "0" * 64
+    ds.save_as(packed)
+    err = _refusal(packed)
+    assert isinstance(err, mo.ChecksumMismatch)
+    assert "0" * 64 in str(err)
+
+
+def test_malformed_checksum_is_refused(packed):
+    ds = pydicom.dcmread(packed)
+    ds[_tag(mo.EL_SHA256)].value = "not-a-digest"
+    ds.save_as(packed)
+    err = _refusal(packed)
+    assert isinstance(err, mo.ChecksumMismatch)
+    assert "not a SHA-256" in str(err)
+
+
+def test_non_onnx_payload_is_refused(tmp_path, seg_card):
+    junk = b"\x89PNG\r\n\x1a\n" + b"definitely not a protobuf" * 10
+    path = tmp_path / "junk.dcm"
+    mo.write(mo.encode(junk, seg_card, verify=False), path)
+    err = _refusal(path)
+    assert isinstance(err, mo.InvalidOnnx)
+
+
+def test_truncated_file_is_refused(packed):
+    data = packed.read_bytes()
+    packed.write_bytes(data[:-50])
+    with pytest.raises(mo.TruncatedPayload, match="truncated"):
+        mo.unpack_file(packed, packed.with_suffix(".onnx"))
+    assert not packed.with_suffix(".onnx").exists()
+
+
+def test_missing_card_field_is_refused_naming_it(packed):
+    ds = pydicom.dcmread(packed)
+    card = json.loads(ds[_tag(mo.EL_CARD)].value)
+    del card["identity"]["licence"]
+    ds[_tag(mo.EL_CARD)].value = json.dumps(card)
+    ds.save_as(packed)
+    err = _refusal(packed)
+    assert isinstance(err, mo.InvalidCard)
+    assert err.field == "identity.licence"
+
+
+def test_oversized_payload_is_refused(tmp_path, packed, seg_onnx, seg_card):
+    with pytest.raises(mo.PayloadTooLarge, match="over the limit of 100 bytes"):
+        mo.encode(seg_onnx, seg_card, max_payload=100)
+    with pytest.raises(mo.PayloadTooLarge):
+        mo.unpack_file(packed, tmp_path / "x.onnx", max_payload=100)
+    with pytest.raises(mo.PayloadTooLarge):
+        mo.decode(pydicom.dcmread(packed), max_payload=100)
+
+
+def test_graph_that_disagrees_with_the_card_is_refused(seg_card):
+    with pytest.raises(mo.ShapeMismatch, match="3 channels, card has 2 classes"):
+        mo.encode(segmentation_model(classes=3), seg_card)
+    with pytest.raises(mo.ShapeMismatch, match="fixed at 32, card input.size says dynamic"):
+        mo.encode(classification_model(classes=2), seg_card)
+
+
+def test_distinct_refusals_have_distinct_codes():
+    codes = {cls.code for cls in (mo.NotAModelObject, mo.PayloadTooLarge, mo.TruncatedPayload,
+                                  mo.ChecksumMismatch, mo.InvalidOnnx, mo.ShapeMismatch, mo.InvalidCard)}
+    assert len(codes) == 7
+
+
+def test_a_ct_image_is_not_a_model_object():
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+    assert not mo.is_model_object(ds)
+    with pytest.raises(mo.NotAModelObject):
+        mo.decode(ds)
