@@ -205,17 +205,22 @@ class Registry:
         f = filters or Filters()
         q = ModelRecord.select()
         if f.name:
-            q = q.where(ModelRecord.name.contains(f.name) if "*" not in f.name else ModelRecord.name % f.name)
+            # Plain text matches anywhere in the name; '*' and '?' make it a glob like findscu's.
+            if "*" in f.name or "?" in f.name:
+                pattern = f.name.replace("%", r"\%").replace("_", r"\_").replace("*", "%").replace("?", "_")
+                q = q.where(ModelRecord.name ** pattern)
+            else:
+                q = q.where(ModelRecord.name.contains(f.name))
         if f.task:
             q = q.where(ModelRecord.task == f.task)
         if f.version:
             q = q.where(ModelRecord.version == f.version)
         for kind, value in (("modality", f.modality), ("body_part", f.body_part), ("anatomy", f.anatomy), ("finding", f.finding)):
             if value:
-                sub = ModelTerm.select(ModelTerm.model).where((ModelTerm.kind == kind) & (ModelTerm.value == value.upper() if kind in ("modality", "body_part") else ModelTerm.value == value))
+                wanted = value.upper() if kind in ("modality", "body_part") else value
+                sub = ModelTerm.select(ModelTerm.model).where((ModelTerm.kind == kind) & (ModelTerm.value == wanted))
                 q = q.where(ModelRecord.id.in_(sub))
-        rows = list(q.order_by(ModelRecord.name, ModelRecord.created, ModelRecord.version))
-        return rows
+        return list(q.order_by(ModelRecord.name, ModelRecord.created, ModelRecord.version))
 
     def all_with_terms(self) -> list[ModelRecord]:
         """Every model with its terms prefetched (for the selection algorithm)."""

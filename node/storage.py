@@ -125,10 +125,14 @@ class ObjectStore:
             # Same content already stored: nothing to gain by replacing it.
             tmp.unlink(missing_ok=True)
             return StoredObject(digest, final, size)
+        new_dirs = [d for d in (final.parent.parent, final.parent) if not d.exists()]
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
         if self.fsync:
+            # A new fan-out directory must itself be durable, or the rename can be lost with it.
             _fsync_dir(final.parent)
+            for d in new_dirs:
+                _fsync_dir(d.parent)
         return StoredObject(digest, final, size)
 
 
