@@ -89,6 +89,23 @@ class AnatomySection:
 
 
 @dataclass
+class SiteRule:
+    """A site's override of the ranking. Conditions that are empty match everything."""
+
+    action: str  # pin | exclude | route
+    models: list[str]  # model names or UIDs
+    called_ae: str = ""
+    modality: str = ""
+
+
+@dataclass
+class SelectionSection:
+    # A model must reach this anatomy similarity (0-1, see iods/anatomy.py) to be suitable.
+    min_anatomy: float = 0.4
+    rules: list[SiteRule] = field(default_factory=list)
+
+
+@dataclass
 class LoggingSection:
     level: str = "INFO"
     format: str = "text"  # text | json
@@ -101,6 +118,7 @@ class Config:
     database: DatabaseSection = field(default_factory=DatabaseSection)
     models: ModelsSection = field(default_factory=ModelsSection)
     anatomy: AnatomySection = field(default_factory=AnatomySection)
+    selection: SelectionSection = field(default_factory=SelectionSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     peers: list[Peer] = field(default_factory=list)
     source: str = ""  # the file it came from, "" for the embedded defaults
@@ -223,6 +241,15 @@ def _check(cfg: Config, problems: list[tuple[str, str]]) -> None:
         problems.append(("logging.level", "must be DEBUG, INFO, WARNING or ERROR"))
     if cfg.logging.format not in ("text", "json"):
         problems.append(("logging.format", "must be 'text' or 'json'"))
+    if not 0.0 <= cfg.selection.min_anatomy <= 1.0:
+        problems.append(("selection.min_anatomy", "must lie in [0, 1]"))
+    for i, rule in enumerate(cfg.selection.rules):
+        if rule is None:
+            continue
+        if rule.action not in ("pin", "exclude", "route"):
+            problems.append((f"selection.rules[{i}].action", "must be 'pin', 'exclude' or 'route'"))
+        if not rule.models:
+            problems.append((f"selection.rules[{i}].models", "must name at least one model (name or UID)"))
     seen: set[str] = set()
     for i, p in enumerate(cfg.peers):
         if p is None:
