@@ -106,6 +106,52 @@ class SelectionSection:
 
 
 @dataclass
+class PipelineSection:
+    enabled: bool = True
+    # A series is complete when no instance arrived for this long and its association ended.
+    quiet_seconds: float = 5.0
+    group_by: str = "series"  # series | study
+    # Per called AE title: {"AI_STUDY" = "study"} groups studies sent to AI_STUDY.
+    group_by_called_ae: dict[str, str] = field(default_factory=dict)
+    workers: int = 1
+    max_attempts: int = 3
+    poll_seconds: float = 0.5
+
+
+@dataclass
+class InferenceModelOverride:
+    model: str  # model name or UID
+    providers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class InferenceSection:
+    # Tried in order; a provider ONNX Runtime lacks is skipped with a log line.
+    providers: list[str] = field(default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    intra_op_threads: int = 0  # 0: one per core the node may use
+    inter_op_threads: int = 1
+    batch_size: int = 16  # slices per Run() for 2D models
+    session_cache_mb: int = 2048  # ONNX sessions kept warm, bounded by model size
+    overrides: list[InferenceModelOverride] = field(default_factory=list)
+
+
+@dataclass
+class ExportRoute:
+    destinations: list[str]  # AE titles of [[peers]]
+    called_ae: str = ""  # results of studies sent to this AE title ...
+    model: str = ""  # ... or made by this model (name or UID); both empty: every result
+
+
+@dataclass
+class ExportSection:
+    routes: list[ExportRoute] = field(default_factory=list)
+    base_delay_seconds: float = 5.0
+    max_delay_seconds: float = 600.0
+    max_age_seconds: float = 86400.0
+    poll_seconds: float = 1.0
+
+
+@dataclass
 class LoggingSection:
     level: str = "INFO"
     format: str = "text"  # text | json
@@ -119,6 +165,9 @@ class Config:
     models: ModelsSection = field(default_factory=ModelsSection)
     anatomy: AnatomySection = field(default_factory=AnatomySection)
     selection: SelectionSection = field(default_factory=SelectionSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    inference: InferenceSection = field(default_factory=InferenceSection)
+    export: ExportSection = field(default_factory=ExportSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     peers: list[Peer] = field(default_factory=list)
     source: str = ""  # the file it came from, "" for the embedded defaults
@@ -250,6 +299,40 @@ def _check(cfg: Config, problems: list[tuple[str, str]]) -> None:
             problems.append((f"selection.rules[{i}].action", "must be 'pin', 'exclude' or 'route'"))
         if not rule.models:
             problems.append((f"selection.rules[{i}].models", "must name at least one model (name or UID)"))
+    pl = cfg.pipeline
+    if pl.quiet_seconds < 0:
+        problems.append(("pipeline.quiet_seconds", "must not be negative"))
+    if pl.group_by not in ("series", "study"):
+        problems.append(("pipeline.group_by", "must be 'series' or 'study'"))
+    for ae, mode in pl.group_by_called_ae.items():
+        if mode not in ("series", "study"):
+            problems.append((f"pipeline.group_by_called_ae.{ae}", "must be 'series' or 'study'"))
+    if pl.workers < 1:
+        problems.append(("pipeline.workers", "must be at least 1"))
+    if pl.max_attempts < 1:
+        problems.append(("pipeline.max_attempts", "must be at least 1"))
+    inf = cfg.inference
+    known = {"CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider",
+             "OpenVINOExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider"}
+    for i, prov in enumerate(inf.providers):
+        if prov not in known:
+            problems.append((f"inference.providers[{i}]", f"unknown execution provider {prov!r}"))
+    if inf.intra_op_threads < 0 or inf.inter_op_threads < 0:
+        problems.append(("inference.intra_op_threads", "thread counts must not be negative"))
+    if inf.batch_size < 1:
+        problems.append(("inference.batch_size", "must be at least 1"))
+    peer_names = {p.ae_title for p in cfg.peers if p is not None}
+    for i, route in enumerate(cfg.export.routes):
+        if route is None:
+            continue
+        for ae in route.destinations:
+            if ae not in peer_names:
+                problems.append((f"export.routes[{i}].destinations", f"{ae!r} is not a configured peer"))
+    ex = cfg.export
+    if ex.base_delay_seconds <= 0 or ex.max_delay_seconds < ex.base_delay_seconds:
+        problems.append(("export.base_delay_seconds", "must be positive and at most export.max_delay_seconds"))
+    if ex.max_age_seconds <= 0:
+        problems.append(("export.max_age_seconds", "must be positive"))
     seen: set[str] = set()
     for i, p in enumerate(cfg.peers):
         if p is None:

@@ -48,7 +48,7 @@ def open_database(url: str) -> peewee.Database:
         db = connect(url)
     database_proxy.initialize(db)
     db.connect(reuse_if_open=True)
-    from node import index, registry  # noqa: F401  (import registers the tables)
+    from node import index, jobs, outbox, registry  # noqa: F401  (import registers the tables)
 
     db.create_tables(all_tables(), safe=True)
     log.debug("database open: %s", _redact(url))

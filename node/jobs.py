@@ -1,0 +1,192 @@
+"""The durable job queue and series completion, both in the database.
+
+Series completion
+    Every stored image instance touches an :class:`Arrival` row for its group (the series, or the
+    study when the called AE title groups by study). A group is *ready* when it has been quiet for
+    ``pipeline.quiet_seconds`` since its last instance **and** no association that delivered to it
+    is still open. Then one :class:`Job` is created and the arrival is consumed.
+
+Late instances
+    An instance that arrives after its group's job was created opens a new arrival; when that one
+    is ready, a new job runs the whole group again. Result UIDs are derived from the source series
+    and the model, so the re-run's SEG/SR *replaces* the earlier result in the node and in the PACS
+    instead of adding a second one.
+
+Job states
+    ``pending`` -> ``selected`` -> ``running`` -> ``done`` -> ``exported``, or ``failed``.
+    A job that no model fits ends ``done`` with outcome ``no-suitable-model`` and the reasons.
+    A worker claims a job with a conditional UPDATE, so two workers never run the same job. At
+    start-up, jobs left ``selected`` or ``running`` by a killed node go back to ``pending`` with
+    their attempt counted: an interrupted job runs again, once, and a job that keeps killing the
+    node stops after ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from typing import Any
+
+import peewee
+
+from node.db import BaseModel, database_proxy
+
+log = logging.getLogger(__name__)
+
+STATES = ("pending", "selected", "running", "done", "failed", "exported")
+OUTCOME_RESULT = "result"
+OUTCOME_NO_MODEL = "no-suitable-model"
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now()
+
+
+class Arrival(BaseModel):
+    """Instances arriving for a group that has no job yet."""
+
+    group_key = peewee.CharField(max_length=64, unique=True)  # series or study UID
+    group_by = peewee.CharField(max_length=8, default="series")
+    study_uid = peewee.CharField(max_length=64, default="")
+    called_ae = peewee.CharField(max_length=16, default="")
+    calling_ae = peewee.CharField(max_length=16, default="")
+    first_received = peewee.DateTimeField(default=_now)
+    last_received = peewee.DateTimeField(default=_now, index=True)
+    instances = peewee.IntegerField(default=0)
+    open_associations = peewee.IntegerField(default=0)
+
+
+class Job(BaseModel):
+    group_key = peewee.CharField(max_length=64, index=True)
+    group_by = peewee.CharField(max_length=8, default="series")
+    study_uid = peewee.CharField(max_length=64, default="")
+    called_ae = peewee.CharField(max_length=16, default="")
+    calling_ae = peewee.CharField(max_length=16, default="")
+    state = peewee.CharField(max_length=12, default="pending", index=True)
+    outcome = peewee.CharField(max_length=24, default="")
+    model_uid = peewee.CharField(max_length=64, default="")
+    model_name = peewee.CharField(max_length=64, default="")
+    selection = peewee.TextField(default="")  # the explanation, as JSON
+    instances = peewee.IntegerField(default=0)
+    attempts = peewee.IntegerField(default=0)
+    error = peewee.TextField(default="")
+    results = peewee.TextField(default="[]")  # SOP Instance UIDs of the SEG/SR made
+    timings = peewee.TextField(default="{}")  # seconds per stage
+    created_at = peewee.DateTimeField(default=_now, index=True)
+    last_instance_at = peewee.DateTimeField(null=True)
+    started_at = peewee.DateTimeField(null=True)
+    finished_at = peewee.DateTimeField(null=True)
+
+    def timing(self) -> dict[str, float]:
+        return json.loads(self.timings or "{}")
+
+    def result_uids(self) -> list[str]:
+        return json.loads(self.results or "[]")
+
+
+# --------------------------------------------------------------------------- arrivals
+
+
+def note_arrival(group_key: str, *, group_by: str, study_uid: str, called_ae: str, calling_ae: str,
+                 new_association: bool) -> None:
+    """Record one stored instance for ``group_key`` (call in the C-STORE transaction)."""
+    now = _now()
+    inc = 1 if new_association else 0
+    updated = (Arrival.update(last_received=now, instances=Arrival.instances + 1,
+                              open_associations=Arrival.open_associations + inc)
+               .where(Arrival.group_key == group_key).execute())
+    if not updated:
+        Arrival.create(group_key=group_key, group_by=group_by, study_uid=study_uid, called_ae=called_ae,
+                       calling_ae=calling_ae, first_received=now, last_received=now, instances=1,
+                       open_associations=1)
+
+
+def association_ended(group_keys: set[str]) -> None:
+    """An association that delivered to ``group_keys`` was released or aborted."""
+    if group_keys:
+        # CASE rather than MAX(x, 0): SQLite's scalar MAX is GREATEST in PostgreSQL.
+        decremented = peewee.Case(None, [(Arrival.open_associations > 0, Arrival.open_associations - 1)], 0)
+        (Arrival.update(open_associations=decremented)
+         .where(Arrival.group_key.in_(sorted(group_keys))).execute())
+
+
+def promote_ready(quiet_seconds: float, now: _dt.datetime | None = None) -> list[Job]:
+    """Turn every quiet group with no open association into a pending job."""
+    now = now or _now()
+    cutoff = now - _dt.timedelta(seconds=quiet_seconds)
+    db = database_proxy.obj
+    jobs = []
+    with db.atomic():
+        ready = list(Arrival.select().where((Arrival.last_received <= cutoff) & (Arrival.open_associations <= 0))
+                     .order_by(Arrival.last_received, Arrival.group_key))
+        for a in ready:
+            job = Job.create(group_key=a.group_key, group_by=a.group_by, study_uid=a.study_uid, called_ae=a.called_ae,
+                             calling_ae=a.calling_ae, instances=a.instances, last_instance_at=a.last_received)
+            a.delete_instance()
+            jobs.append(job)
+            log.info("job %d: %s %s ready after %.1f s quiet (%d instance(s))", job.id, a.group_by,
+                     _short(a.group_key), (now - a.last_received).total_seconds(), a.instances)
+    return jobs
+
+
+def reset_after_restart(max_attempts: int) -> tuple[int, int]:
+    """Requeue jobs a killed node left mid-way; returns (requeued, given up)."""
+    db = database_proxy.obj
+    with db.atomic():
+        # No association survives a restart.
+        Arrival.update(open_associations=0).execute()
+        stuck = list(Job.select().where(Job.state.in_(("selected", "running"))))
+        requeued = failed = 0
+        for job in stuck:
+            if job.attempts >= max_attempts:
+                Job.update(state="failed", error=f"interrupted {job.attempts} time(s); giving up",
+                           finished_at=_now()).where(Job.id == job.id).execute()
+                failed += 1
+            else:
+                Job.update(state="pending").where(Job.id == job.id).execute()
+                requeued += 1
+    if requeued or failed:
+        log.warning("restart: %d interrupted job(s) requeued, %d given up after %d attempts", requeued, failed, max_attempts)
+    return requeued, failed
+
+
+# --------------------------------------------------------------------------- claiming and transitions
+
+
+def claim_next() -> Job | None:
+    """Atomically take the oldest pending job (state -> selected, attempt counted)."""
+    for candidate in Job.select(Job.id).where(Job.state == "pending").order_by(Job.created_at, Job.id).limit(8):
+        taken = (Job.update(state="selected", attempts=Job.attempts + 1, started_at=_now(), error="")
+                 .where((Job.id == candidate.id) & (Job.state == "pending")).execute())
+        if taken:
+            return Job.get_by_id(candidate.id)
+    return None
+
+
+def transition(job_id: int, state: str, **fields: Any) -> None:
+    if state not in STATES:
+        raise ValueError(f"unknown job state {state!r}")
+    if state in ("done", "failed", "exported") and "finished_at" not in fields:
+        fields["finished_at"] = _now()
+    Job.update(state=state, **fields).where(Job.id == job_id).execute()
+
+
+def retry(job_id: int) -> Job:
+    """Put a finished or failed job back in the queue (``modelnode jobs retry``)."""
+    job = Job.get_by_id(job_id)
+    if job.state in ("selected", "running"):
+        raise ValueError(f"job {job_id} is {job.state}; it cannot be retried while it runs")
+    Job.update(state="pending", attempts=0, error="", outcome="", finished_at=None).where(Job.id == job_id).execute()
+    return Job.get_by_id(job_id)
+
+
+def counts_by_state() -> dict[str, int]:
+    rows = Job.select(Job.state, peewee.fn.COUNT(Job.id).alias("n")).group_by(Job.state)
+    out = dict.fromkeys(STATES, 0)
+    out.update({r.state: r.n for r in rows})
+    return out
+
+
+def _short(uid: str) -> str:
+    return uid if len(uid) <= 24 else "…" + uid[-20:]
