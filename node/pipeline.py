@@ -1,0 +1,287 @@
+"""From stored series to results in the PACS: scheduler, workers and exporter threads.
+
+* The **scheduler** turns quiet series (see :mod:`node.jobs`) into pending jobs.
+* **Workers** (``pipeline.workers`` threads) claim a job, select a model for each series in it
+  (the explanation is logged and kept on the job), run it with ONNX Runtime, build the SEG or SR,
+  store the result locally (so C-FIND and C-MOVE find it) and queue it in the outbox.
+* The **exporter** sends due outbox items by C-STORE and marks a job ``exported`` when every one
+  of its results was accepted.
+
+Everything a thread decides is in the database before it acts on it, so a node killed at any
+point resumes where it was: a job mid-run is requeued (once per attempt) and the outbox still
+holds what was not acknowledged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from iods import model_object
+from iods.anatomy import AnatomyNormaliser
+from iods.card import ModelCard
+from node import index, jobs, outbox
+from node.context import NodeContext
+from node.selection import Selection, SeriesFacts, select
+
+log = logging.getLogger("modelnode.pipeline")
+
+
+@dataclass
+class SeriesResult:
+    series_uid: str
+    selection: Selection
+    result_uids: list[str]
+    timings: dict[str, float]
+
+
+class Pipeline:
+    def __init__(self, ctx: NodeContext, *, sender: Callable[[str, Dataset | str], int] | None = None) -> None:
+        from models.runtime import RuntimeSettings, SessionCache
+
+        self.ctx = ctx
+        cfg = ctx.config
+        inf = cfg.inference
+        self.sessions = SessionCache(RuntimeSettings(
+            providers=tuple(inf.providers), intra_op_threads=inf.intra_op_threads,
+            inter_op_threads=inf.inter_op_threads, batch_size=inf.batch_size,
+            cache_bytes=inf.session_cache_mb << 20,
+        ))
+        self.normaliser = AnatomyNormaliser(extra_synonyms=cfg.anatomy.synonyms)
+        self._send = sender or self._c_store
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._wake = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        cfg = self.ctx.config.pipeline
+        requeued, _ = jobs.reset_after_restart(cfg.max_attempts)
+        targets = [("scheduler", self._scheduler_loop), ("exporter", self._exporter_loop)]
+        targets += [(f"worker-{i + 1}", self._worker_loop) for i in range(cfg.workers)]
+        for name, fn in targets:
+            t = threading.Thread(target=fn, name=f"modelnode-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("pipeline started: %d worker(s), quiet time %.1f s, %d job(s) resumed",
+                 cfg.workers, cfg.quiet_seconds, requeued)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ loops
+
+    def _scheduler_loop(self) -> None:
+        cfg = self.ctx.config.pipeline
+        while not self._stop.is_set():
+            try:
+                with self.ctx.write_lock:
+                    created = jobs.promote_ready(cfg.quiet_seconds)
+                if created:
+                    self._wake.set()
+            except Exception:
+                log.exception("scheduler error (will retry)")
+            self._stop.wait(cfg.poll_seconds)
+
+    def _worker_loop(self) -> None:
+        cfg = self.ctx.config.pipeline
+        while not self._stop.is_set():
+            with self.ctx.write_lock:
+                job = jobs.claim_next()
+            if job is None:
+                self._wake.wait(cfg.poll_seconds)
+                self._wake.clear()
+                continue
+            self.run_job(job)
+
+    def _exporter_loop(self) -> None:
+        ex = self.ctx.config.export
+        while not self._stop.is_set():
+            try:
+                self.export_due()
+            except Exception:
+                log.exception("exporter error (will retry)")
+            self._stop.wait(ex.poll_seconds)
+
+    # ------------------------------------------------------------------ one job
+
+    def run_job(self, job: jobs.Job) -> None:
+        t_start = time.perf_counter()
+        try:
+            series_rows = self._series_of(job)
+            results: list[SeriesResult] = []
+            for series in series_rows:
+                results.append(self._run_series(job, series))
+            made = [uid for r in results for uid in r.result_uids]
+            timings: dict[str, float] = {}
+            for r in results:
+                for k, v in r.timings.items():
+                    timings[k] = round(timings.get(k, 0.0) + v, 4)
+            timings["total"] = round(time.perf_counter() - t_start, 4)
+            if job.last_instance_at is not None:
+                timings["waited_since_last_instance"] = round(
+                    (job.started_at - job.last_instance_at).total_seconds(), 4) if job.started_at else 0.0
+            outcome = jobs.OUTCOME_RESULT if made else jobs.OUTCOME_NO_MODEL
+            selection = [{"series_uid": r.series_uid, **r.selection.to_dict()} for r in results]
+            with self.ctx.write_lock:
+                jobs.transition(job.id, "done", outcome=outcome, results=json.dumps(made),
+                                selection=json.dumps(selection), timings=json.dumps(timings))
+                queued = self._enqueue_exports(job, results) if made else 0
+            if not made:
+                reasons = "; ".join(f"{rej.name}: {', '.join(rej.reasons)}" for r in results for rej in r.selection.rejected)
+                log.warning("job %d: no suitable model for %s %s (%s)", job.id, job.group_by,
+                            jobs._short(job.group_key), reasons or "no models registered")
+            else:
+                log.info("job %d: done in %.2f s, %d result(s), %d export(s) queued", job.id,
+                         timings["total"], len(made), queued)
+        except Exception as exc:
+            log.exception("job %d failed", job.id)
+            with self.ctx.write_lock:
+                jobs.transition(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _series_of(self, job: jobs.Job) -> list[index.Series]:
+        q = index.Series.select().where(index.Series.is_model == False)  # noqa: E712
+        if job.group_by == "study":
+            q = q.join(index.Study).where(index.Study.study_uid == job.group_key)
+        else:
+            q = q.where(index.Series.series_uid == job.group_key)
+        return list(q.order_by(index.Series.series_uid))
+
+    def _load_series(self, series: index.Series) -> list[Dataset]:
+        rows = index.Instance.select().where(index.Instance.series == series).order_by(index.Instance.sop_uid)
+        return [pydicom.dcmread(self.ctx.app.store.path(r.digest)) for r in rows]
+
+    def _models(self) -> list[tuple[str, ModelCard]]:
+        return [(r.uid, r.card) for r in self.ctx.app.registry.all_with_terms()]
+
+    def _run_series(self, job: jobs.Job, series: index.Series) -> SeriesResult:
+        from models.infer import infer
+
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        datasets = self._load_series(series)
+        timings["load"] = time.perf_counter() - t
+        t = time.perf_counter()
+        facts = SeriesFacts.from_datasets(datasets, normaliser=self.normaliser, called_ae=job.called_ae)
+        sel = select(facts, self._models(), self.ctx.config.selection, normaliser=self.normaliser)
+        timings["select"] = time.perf_counter() - t
+        log.info("job %d: selection for series %s (%s, %d instance(s)):\n%s", job.id,
+                 jobs._short(series.series_uid), series.modality, len(datasets), sel.explain())
+        if sel.best is None:
+            return SeriesResult(series.series_uid, sel, [], timings)
+        record = self.ctx.app.registry.get(sel.best.uid)
+        with self.ctx.write_lock:
+            jobs.transition(job.id, "selected", model_uid=record.uid, model_name=record.name,
+                            selection=json.dumps([{"series_uid": series.series_uid, **sel.to_dict()}]))
+            jobs.transition(job.id, "running")
+        t = time.perf_counter()
+        model_path = self.ctx.app.registry.path(record)
+        card = record.card
+        loaded = self.sessions.get(record.uid, self._verified_onnx(model_path), self._providers_for(record))
+        timings["session"] = time.perf_counter() - t
+        t = time.perf_counter()
+        result_ds, infer_timings = infer(datasets, card, record.uid, loaded, batch_size=self.ctx.config.inference.batch_size)
+        timings.update(infer_timings)
+        timings["inference_total"] = time.perf_counter() - t
+        t = time.perf_counter()
+        uid = self._store_result(result_ds)
+        timings["store_result"] = time.perf_counter() - t
+        return SeriesResult(series.series_uid, sel, [uid], timings)
+
+    def _verified_onnx(self, path) -> bytes:
+        # The object was verified on arrival; verify again, because the file on disk is what runs.
+        payload, _ = model_object.decode(model_object.read_file(path), max_payload=self.ctx.config.models.max_payload_bytes)
+        return payload
+
+    def _providers_for(self, record) -> list[str] | None:
+        for o in self.ctx.config.inference.overrides:
+            if o.model in (record.uid, record.name) and o.providers:
+                return o.providers
+        return None
+
+    def _store_result(self, ds: Dataset) -> str:
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        stored = self.ctx.app.store.put_bytes(buf.getvalue())
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        with self.ctx.write_lock, self.ctx.app.db.atomic():
+            _, previous = index.index_instance(ds, digest=stored.digest, size=stored.size, transfer_syntax=ts,
+                                               calling_ae=self.ctx.config.node.ae_title)
+        if previous is not None and previous.digest != stored.digest and not index.digest_in_use(previous.digest):
+            self.ctx.app.store.remove(previous.digest)
+        return str(ds.SOPInstanceUID)
+
+    # ------------------------------------------------------------------ export
+
+    def destinations(self, job: jobs.Job, model_uid: str, model_name: str) -> list[str]:
+        out: list[str] = []
+        for route in self.ctx.config.export.routes:
+            if route.called_ae and route.called_ae != job.called_ae:
+                continue
+            if route.model and route.model not in (model_uid, model_name):
+                continue
+            out += [d for d in route.destinations if d not in out]
+        return out
+
+    def _enqueue_exports(self, job: jobs.Job, results: list[SeriesResult]) -> int:
+        fresh = jobs.Job.get_by_id(job.id)
+        dests = self.destinations(fresh, fresh.model_uid, fresh.model_name)
+        n = 0
+        for r in results:
+            for uid in r.result_uids:
+                inst = index.Instance.get(index.Instance.sop_uid == uid)
+                for d in dests:
+                    outbox.enqueue(job.id, uid, inst.digest, d)
+                    n += 1
+        if not dests:
+            log.info("job %d: no export route matches (called AE %s, model %s); result kept locally",
+                     job.id, job.called_ae, fresh.model_name)
+        return n
+
+    def export_due(self) -> int:
+        ex = self.ctx.config.export
+        sent = 0
+        for item in outbox.due():
+            path = self.ctx.app.store.path(item.digest)
+            try:
+                status = self._send(item.destination, str(path))
+            except Exception as exc:  # connection refused, association rejected, aborts
+                status, error = None, f"{type(exc).__name__}: {exc}"
+            else:
+                error = f"peer answered status 0x{status:04X}" if status is not None else ""
+            with self.ctx.write_lock:
+                if status is not None and (status == 0 or 0xB000 <= status <= 0xB007):
+                    outbox.mark_sent(item.id)
+                    sent += 1
+                    log.info("exported %s to %s (status 0x%04X)", item.sop_uid, item.destination, status)
+                    if item.job_id and outbox.job_fully_sent(item.job_id):
+                        jobs.transition(item.job_id, "exported")
+                else:
+                    outbox.mark_failed(item, error, base_delay=ex.base_delay_seconds,
+                                       max_delay=ex.max_delay_seconds, max_age=ex.max_age_seconds)
+        return sent
+
+    def _c_store(self, destination: str, path: str) -> int:
+        """One C-STORE to a configured peer; returns the status (raises when no association)."""
+        from node import scu
+
+        peer = self.ctx.config.peer(destination)
+        if peer is None:
+            raise LookupError(f"export destination {destination!r} is not a configured peer")
+        return scu.store_one(peer, path, calling_ae=self.ctx.config.node.ae_title)
