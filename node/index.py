@@ -14,7 +14,7 @@ from typing import Any
 import peewee
 from pydicom.dataset import Dataset
 
-from node.db import BaseModel
+from node.db import BaseModel, database_proxy
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 0) -> str:
@@ -117,6 +117,71 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
+def _db_values(model: type[BaseModel], values: dict[str, Any]) -> list[Any]:
+    """Column values as peewee would bind them (booleans, datetimes, foreign keys)."""
+    fields = model._meta.fields
+    return [fields[k].db_value(v) for k, v in values.items()]
+
+
+class _Statements:
+    """Hand-written SQL for the C-STORE hot path, built once per database.
+
+    peewee spends about 0.3 ms composing each query; a C-STORE needs four of them, which was most
+    of the per-instance cost of indexing (2.6 ms of 3 ms, 200-slice CT). The statements are plain
+    SQL with double-quoted identifiers and the database's own placeholder, valid in SQLite and
+    PostgreSQL alike. Rows are still created through the same tables and field conversions.
+    """
+
+    def __init__(self, db: peewee.Database) -> None:
+        self.db = db
+        self.p = db.param
+        self.returning = isinstance(db, peewee.PostgresqlDatabase)
+
+    def insert(self, model: type[BaseModel], values: dict[str, Any]) -> int:
+        table = model._meta.table_name
+        cols = ", ".join(f'"{model._meta.fields[k].column_name}"' for k in values)
+        marks = ", ".join(self.p for _ in values)
+        sql = f'INSERT INTO "{table}" ({cols}) VALUES ({marks})'
+        if self.returning:
+            sql += ' RETURNING "id"'
+        cursor = self.db.execute_sql(sql, _db_values(model, values))
+        return cursor.fetchone()[0] if self.returning else cursor.lastrowid
+
+    def update(self, model: type[BaseModel], row_id: int, values: dict[str, Any]) -> None:
+        sets = ", ".join(f'"{model._meta.fields[k].column_name}" = {self.p}' for k in values)
+        sql = f'UPDATE "{model._meta.table_name}" SET {sets} WHERE "id" = {self.p}'
+        self.db.execute_sql(sql, [*_db_values(model, values), row_id])
+
+    def first(self, sql: str, params: list[Any]) -> tuple | None:
+        return self.db.execute_sql(sql.replace("?", self.p), params).fetchone()
+
+
+_statements: dict[int, _Statements] = {}
+
+
+def _stmts() -> _Statements:
+    db = database_proxy.obj
+    st = _statements.get(id(db))
+    if st is None or st.db is not db:
+        st = _statements[id(db)] = _Statements(db)
+    return st
+
+
+def _get_or_insert(st: _Statements, model: type[BaseModel], lookup_sql: str, key: list[Any],
+                   values: dict[str, Any]) -> int:
+    row = st.first(lookup_sql, key)
+    if row is not None:
+        return row[0]
+    try:
+        with st.db.atomic():  # a savepoint: a concurrent writer may have inserted it meanwhile
+            return st.insert(model, values)
+    except peewee.IntegrityError:
+        row = st.first(lookup_sql, key)
+        if row is None:
+            raise
+        return row[0]
+
+
 def index_instance(
     ds: Dataset,
     *,
@@ -131,49 +196,58 @@ def index_instance(
     Call inside a transaction. The caller decides what a duplicate SOP Instance UID means;
     this function just points the instance row at the new file.
     """
+    st = _stmts()
     now = _dt.datetime.now()
-    patient, _ = Patient.get_or_create(
-        patient_id=_text(ds, "PatientID", 64),
-        issuer=_text(ds, "IssuerOfPatientID", 64),
-        defaults={"patient_name": _text(ds, "PatientName", 324), "birth_date": _text(ds, "PatientBirthDate", 8),
-                  "sex": _text(ds, "PatientSex", 16)},
-    )
-    study, created = Study.get_or_create(
-        study_uid=_text(ds, "StudyInstanceUID", 64),
-        defaults={
-            "patient": patient,
-            "study_date": _text(ds, "StudyDate", 8),
-            "study_time": _text(ds, "StudyTime", 16),
-            "accession_number": _text(ds, "AccessionNumber", 16),
-            "study_id": _text(ds, "StudyID", 16),
-            "study_description": _text(ds, "StudyDescription", 64),
-            "referring_physician": _text(ds, "ReferringPhysicianName", 324),
-            "requested_procedure": _text(ds, "RequestedProcedureDescription", 64),
-        },
-    )
-    series, created = Series.get_or_create(
-        series_uid=_text(ds, "SeriesInstanceUID", 64),
-        defaults={
-            "study": study,
-            "modality": _text(ds, "Modality", 16),
-            "series_number": _text(ds, "SeriesNumber", 12),
-            "series_description": _text(ds, "SeriesDescription", 64),
-            "series_date": _text(ds, "SeriesDate", 8),
-            "series_time": _text(ds, "SeriesTime", 16),
-            "body_part": _text(ds, "BodyPartExamined", 16),
-            "protocol_name": _text(ds, "ProtocolName", 64),
-            "laterality": _text(ds, "Laterality", 16),
-            "manufacturer": _text(ds, "Manufacturer", 64),
-            "software_versions": _text(ds, "SoftwareVersions", 64),
-            "is_model": is_model,
-            "last_received": now,
-        },
-    )
-    if not created:
-        Series.update(last_received=now).where(Series.id == series.id).execute()
+    series_uid = _text(ds, "SeriesInstanceUID", 64)
+    found = st.first('SELECT "id" FROM "series" WHERE "series_uid" = ?', [series_uid])
+    if found is not None:
+        series_id = found[0]
+        st.update(Series, series_id, {"last_received": now})
+    else:
+        patient_id = _get_or_insert(
+            st, Patient, 'SELECT "id" FROM "patient" WHERE "patient_id" = ? AND "issuer" = ?',
+            [_text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64)],
+            {"patient_id": _text(ds, "PatientID", 64), "issuer": _text(ds, "IssuerOfPatientID", 64),
+             "patient_name": _text(ds, "PatientName", 324), "birth_date": _text(ds, "PatientBirthDate", 8),
+             "sex": _text(ds, "PatientSex", 16)},
+        )
+        study_uid = _text(ds, "StudyInstanceUID", 64)
+        study_id = _get_or_insert(
+            st, Study, 'SELECT "id" FROM "study" WHERE "study_uid" = ?', [study_uid],
+            {
+                "study_uid": study_uid,
+                "patient": patient_id,
+                "study_date": _text(ds, "StudyDate", 8),
+                "study_time": _text(ds, "StudyTime", 16),
+                "accession_number": _text(ds, "AccessionNumber", 16),
+                "study_id": _text(ds, "StudyID", 16),
+                "study_description": _text(ds, "StudyDescription", 64),
+                "referring_physician": _text(ds, "ReferringPhysicianName", 324),
+                "requested_procedure": _text(ds, "RequestedProcedureDescription", 64),
+            },
+        )
+        series_id = _get_or_insert(
+            st, Series, 'SELECT "id" FROM "series" WHERE "series_uid" = ?', [series_uid],
+            {
+                "series_uid": series_uid,
+                "study": study_id,
+                "modality": _text(ds, "Modality", 16),
+                "series_number": _text(ds, "SeriesNumber", 12),
+                "series_description": _text(ds, "SeriesDescription", 64),
+                "series_date": _text(ds, "SeriesDate", 8),
+                "series_time": _text(ds, "SeriesTime", 16),
+                "body_part": _text(ds, "BodyPartExamined", 16),
+                "protocol_name": _text(ds, "ProtocolName", 64),
+                "laterality": _text(ds, "Laterality", 16),
+                "manufacturer": _text(ds, "Manufacturer", 64),
+                "software_versions": _text(ds, "SoftwareVersions", 64),
+                "is_model": is_model,
+                "last_received": now,
+            },
+        )
     attrs = {k: _json_value(ds.get(k)) for k in _EXTRA_ATTRS if ds.get(k) not in (None, "")}
-    fields = {
-        "series": series,
+    fields: dict[str, Any] = {
+        "series": series_id,
         "sop_class_uid": _text(ds, "SOPClassUID", 64),
         "instance_number": _int(ds, "InstanceNumber"),
         "transfer_syntax": transfer_syntax,
@@ -190,13 +264,31 @@ def index_instance(
         "calling_ae": calling_ae[:16],
     }
     sop_uid = _text(ds, "SOPInstanceUID", 64)
-    previous = Instance.get_or_none(Instance.sop_uid == sop_uid)
-    if previous is None:
-        row = Instance.create(sop_uid=sop_uid, **fields)
+    existing = st.first('SELECT "id" FROM "instance" WHERE "sop_uid" = ?', [sop_uid])
+    previous = None
+    if existing is None:
+        row_id = st.insert(Instance, {"sop_uid": sop_uid, **fields})
     else:
-        Instance.update(**fields).where(Instance.id == previous.id).execute()
-        row = Instance.get_by_id(previous.id)
+        row_id = existing[0]
+        previous = Instance.get_by_id(row_id)  # rare (a duplicate): the full old row for the caller
+        st.update(Instance, row_id, fields)
+    fields["series_id"] = fields.pop("series")
+    row = Instance(id=row_id, sop_uid=sop_uid, **fields)
     return row, previous
+
+
+def stored_digest(sop_uid: str, with_model_flag: bool = False) -> Any:
+    """The digest of the file indexed for ``sop_uid`` (None if unknown), cheaply.
+
+    With ``with_model_flag``: (digest, whether its series holds a model) or None.
+    """
+    st = _stmts()
+    if not with_model_flag:
+        row = st.first('SELECT "digest" FROM "instance" WHERE "sop_uid" = ?', [sop_uid])
+        return row[0] if row else None
+    row = st.first('SELECT i."digest", s."is_model" FROM "instance" AS i JOIN "series" AS s ON s."id" = i."series_id" '
+                   'WHERE i."sop_uid" = ?', [sop_uid])
+    return (row[0], bool(row[1])) if row else None
 
 
 def remove_instance(sop_uid: str) -> Instance | None:
