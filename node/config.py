@@ -59,6 +59,8 @@ class NodeSection:
     network_timeout: float = 120.0
     # Reject callers that are not listed in [[peers]] (by AE title, and host when given).
     allow_list: bool = False
+    # Called AE title that answers "which model fits this study" C-FIND queries (docs/selection.md).
+    select_ae_title: str = "MODELNODE_SELECT"
     # Require the called AE title to be ours (some scanners get this wrong; off by default).
     require_called_ae: bool = False
 
@@ -100,8 +102,10 @@ class SiteRule:
 
 @dataclass
 class SelectionSection:
-    # A model must reach this anatomy similarity (0-1, see iods/anatomy.py) to be suitable.
-    min_anatomy: float = 0.4
+    # A model must reach this anatomy similarity (0-1, see iods/anatomy.py) to be suitable:
+    # 0.5 admits a region containing or inside the model's (chest for a lung model) but not a
+    # mere neighbour in a compound region (chest for a liver model, similarity 0.4).
+    min_anatomy: float = 0.5
     rules: list[SiteRule] = field(default_factory=list)
 
 
@@ -265,6 +269,8 @@ def _check(cfg: Config, problems: list[tuple[str, str]]) -> None:
     n = cfg.node
     if not _AE_RE.match(n.ae_title) or n.ae_title != n.ae_title.strip():
         problems.append(("node.ae_title", f"{n.ae_title!r} is not a valid AE title (1-16 characters, no backslash)"))
+    if n.select_ae_title and not _AE_RE.match(n.select_ae_title):
+        problems.append(("node.select_ae_title", f"{n.select_ae_title!r} is not a valid AE title"))
     try:
         ipaddress.ip_address(n.bind)
     except ValueError:

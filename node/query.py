@@ -869,6 +869,11 @@ def _peer(event: Any) -> str:
 
 def handle_find(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     """EVT_C_FIND handler: one pending response per match, then success (or cancel / failure)."""
+    from node.select_query import handle_selection_find, is_selection_query
+
+    if is_selection_query(event, ctx):
+        yield from handle_selection_find(event, ctx)
+        return
     peer = _peer(event)
     try:
         model = information_model(str(event.request.AffectedSOPClassUID))

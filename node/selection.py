@@ -68,7 +68,7 @@ class SeriesFacts:
     modality: str
     anatomy: tuple[anatomy.AnatomyMatch, ...] = ()
     requested_findings: tuple[str, ...] = ()  # SNOMED CT concept ids
-    finding_text: str = ""  # free-text reason for the request
+    finding_text: str = ""  # free-text Reason for the Requested Procedure
     slices: int = 1
     samples_per_pixel: int = 1
     photometric: str = "MONOCHROME2"
@@ -108,9 +108,9 @@ class SeriesFacts:
             for item in req.get("ReasonForRequestedProcedureCodeSequence", []) or []:
                 if item.get("CodeValue"):
                     coded.append(str(item.CodeValue))
-        texts = [str(first.get(k, "") or "") for k in ("ReasonForRequestedProcedure", "ReasonForTheRequestedProcedure")]
+        texts = [str(first.get("ReasonForTheRequestedProcedure", "") or "")]
         for req in first.get("RequestAttributesSequence", []) or []:
-            texts.append(str(req.get("ReasonForRequestedProcedure", "") or ""))
+            texts.append(str(req.get("ReasonForTheRequestedProcedure", "") or ""))
         laterality = str(first.get("Laterality", "") or first.get("ImageLaterality", "") or "")
         if not laterality:
             laterality = next((m.laterality for m in ordered if m.laterality), "")

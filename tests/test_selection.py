@@ -180,7 +180,7 @@ def test_finding_in_the_request_ranks_the_model_that_targets_it():
     coded = rank(series(BodyPartExamined="CHEST"), models("ct-lung", "ct-ptx"), findings=[PTX[0]])
     assert first(coded) == "ct-ptx"
     assert rule_points(coded, "ct-ptx", "finding") > 0 and rule_points(coded, "ct-lung", "finding") == 0
-    text = rank(series(BodyPartExamined="CHEST", ReasonForRequestedProcedure="V.a. Rundherd re OL"),
+    text = rank(series(BodyPartExamined="CHEST", ReasonForTheRequestedProcedure="V.a. Rundherd re OL"),
                 models("ct-ptx", "ct-lung"))
     assert first(text) == "ct-lung"
     item = Dataset()

@@ -1,0 +1,168 @@
+""""Which model fits study X?" over plain C-FIND: the selection query.
+
+A workstation that only has ``findscu`` asks the node's *selection AE title*
+(``node.select_ae_title``, default ``MODELNODE_SELECT``) a SERIES-level query. The answers are
+the model library's series, **best first**, ranked by :mod:`node.selection`; a model that does
+not fit is not returned. The identifier says what to rank for, in either of two ways:
+
+* the StudyInstanceUID (or SeriesInstanceUID) of a study stored on the node: its series'
+  own headers are used, exactly as the pipeline would;
+* the study's descriptors as keys: Modality, BodyPartExamined, StudyDescription,
+  SeriesDescription, ProtocolName, RequestedProcedureDescription, ReasonForTheRequestedProcedure,
+  Laterality, AnatomicRegionSequence. These are *inputs*, not matching keys.
+
+Return keys are filled from each model's series (Modality, BodyPartExamined, SeriesDescription,
+SeriesInstanceUID, SoftwareVersions, ...), so the answer can be fed straight to a C-MOVE or
+C-GET. Two keys have a special meaning in the answers: SeriesNumber is the rank (1 = best) and
+ImageComments carries the score and its reasons. Example::
+
+    findscu -S -aec MODELNODE_SELECT HOST 11112 -k QueryRetrieveLevel=SERIES \\
+        -k Modality=CT -k BodyPartExamined="THORAX" -k StudyDescription="CT Thorax nativ" \\
+        -k SeriesInstanceUID -k SeriesDescription -k SeriesNumber -k ImageComments
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from node import index
+from node.query import (
+    STATUS_CANCEL,
+    STATUS_IDENTIFIER_MISMATCH,
+    STATUS_PENDING,
+    STATUS_SUCCESS,
+    QueryError,
+    _compute,
+    _match_from,
+    _peer,
+    information_model,
+    parse_identifier,
+    response,
+)
+from node.selection import Candidate, SeriesFacts, select
+
+log = logging.getLogger("modelnode.query")
+
+# Identifier keys copied into the pseudo-dataset the selection reads.
+DESCRIPTOR_KEYS = (
+    "Modality", "BodyPartExamined", "StudyDescription", "SeriesDescription", "ProtocolName",
+    "RequestedProcedureDescription", "ReasonForTheRequestedProcedure", "Laterality", "AnatomicRegionSequence",
+    "RequestedProcedureCodeSequence", "ReasonForRequestedProcedureCodeSequence", "PerformedProcedureStepDescription",
+)
+
+
+def is_selection_query(event: Any, ctx: Any) -> bool:
+    # The called AE title as the peer sent it; assoc.acceptor.ae_title is our own title.
+    primitive = getattr(event.assoc.requestor, "primitive", None)
+    called = str(getattr(primitive, "called_ae_title", "") or "").strip()
+    return bool(ctx.config.node.select_ae_title) and called == ctx.config.node.select_ae_title
+
+
+def _value(identifier: Dataset, keyword: str) -> str:
+    elem = identifier.get(keyword)
+    if elem is None or elem in ("", None):
+        return ""
+    value = str(elem).strip()
+    return "" if any(ch in value for ch in "*?\\") else value
+
+
+def _stored_series(identifier: Dataset) -> list[index.Series]:
+    study_uid, series_uid = _value(identifier, "StudyInstanceUID"), _value(identifier, "SeriesInstanceUID")
+    if not (study_uid or series_uid):
+        return []
+    q = index.Series.select().join(index.Study).where(index.Series.is_model == False)  # noqa: E712
+    q = q.where(index.Series.series_uid == series_uid) if series_uid else q.where(index.Study.study_uid == study_uid)
+    return list(q)
+
+
+def _facts_for_stored(series: index.Series, ctx: Any, norm: Any) -> SeriesFacts:
+    rows = list(index.Instance.select().where(index.Instance.series == series).order_by(index.Instance.sop_uid))
+    # Headers only: the pixel data stay deferred on disk.
+    datasets = [pydicom.dcmread(ctx.app.store.path(r.digest), defer_size="16 KB") for r in rows]
+    return SeriesFacts.from_datasets(datasets, normaliser=norm, called_ae=ctx.config.node.ae_title)
+
+
+def _facts_for_descriptors(identifier: Dataset, norm: Any) -> SeriesFacts:
+    ds = Dataset()
+    for keyword in DESCRIPTOR_KEYS:
+        if keyword in identifier and identifier.get(keyword) not in (None, ""):
+            ds[keyword] = identifier[keyword]
+    matches = tuple(sorted(norm.normalise_dataset(ds), key=lambda m: (-m.confidence, m.region.code)))
+    lat = str(ds.get("Laterality", "") or "")
+    # What a header-only question cannot tell (pixels, slices, geometry) is assumed to fit;
+    # the pipeline checks it again on the real series.
+    return SeriesFacts(
+        modality=str(ds.get("Modality", "") or ""),
+        anatomy=matches,
+        finding_text=str(ds.get("ReasonForTheRequestedProcedure", "") or ""),
+        requested_findings=tuple(str(i.CodeValue) for kw in ("ReasonForRequestedProcedureCodeSequence",
+                                                             "RequestedProcedureCodeSequence")
+                                 for i in (ds.get(kw) or []) if i.get("CodeValue")),
+        slices=1 << 20, samples_per_pixel=1, photometric="", has_pixels=True, volumetric=True,
+        laterality=lat if lat in ("L", "R", "B") else "",
+    )
+
+
+def _merge(rankings: list[list[Candidate]]) -> list[Candidate]:
+    """Best score per model over several series; the order stays deterministic."""
+    best: dict[str, Candidate] = {}
+    for ranked in rankings:
+        for c in ranked:
+            if c.uid not in best or c.score > best[c.uid].score:
+                best[c.uid] = c
+    out = sorted(best.values(), key=lambda c: c.uid)
+    out.sort(key=lambda c: c.name)
+    out.sort(key=lambda c: -c.score)
+    return out
+
+
+def handle_selection_find(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """EVT_C_FIND on the selection AE title: ranked model series, best first."""
+    from iods.anatomy import AnatomyNormaliser
+
+    peer = _peer(event)
+    try:
+        model = information_model(str(event.request.AffectedSOPClassUID))
+        query = parse_identifier(event.identifier, model)
+        if query.level != "SERIES":
+            raise QueryError(STATUS_IDENTIFIER_MISMATCH, "selection queries are SERIES level")
+    except QueryError as exc:
+        log.warning("selection C-FIND from %s refused (0x%04X): %s", peer, exc.status, exc.comment)
+        yield exc.status_dataset(), None
+        return
+    identifier = event.identifier
+    norm = AnatomyNormaliser(extra_synonyms=ctx.config.anatomy.synonyms)
+    stored = _stored_series(identifier)
+    if stored:
+        facts = [_facts_for_stored(s, ctx, norm) for s in stored]
+    else:
+        facts = [_facts_for_descriptors(identifier, norm)]
+    models = [(r.uid, r.card) for r in ctx.app.registry.all_with_terms()]
+    selections = [select(f, models, ctx.config.selection, normaliser=norm) for f in facts]
+    ranked = _merge([s.ranked for s in selections])
+    source = f"{len(stored)} stored series" if stored else "descriptors"
+    log.info("selection C-FIND from %s (%s): %d model(s) fit\n%s", peer, source, len(ranked),
+             "\n".join(s.explain() for s in selections))
+    for rank, cand in enumerate(ranked, 1):
+        if event.is_cancelled:
+            yield STATUS_CANCEL, None
+            return
+        record = ctx.app.registry.get(cand.uid)
+        series = index.Series.get_or_none(index.Series.series_uid == record.series_uid) if record else None
+        if series is None:
+            continue
+        match = _match_from("SERIES", series)
+        _compute([match], "SERIES", query.computed_needed, bool(query.coded))
+        ds = response(match, query, ctx.config.node.ae_title)
+        if "SeriesNumber" in ds:
+            ds.SeriesNumber = rank
+        if "ImageComments" in ds:
+            reasons = "; ".join(f"{p.rule} {p.points:+g}" for p in cand.components)
+            ds.ImageComments = f"rank {rank}, score {cand.score:g}: {reasons}"[:10240]
+        yield STATUS_PENDING, ds
+    yield STATUS_SUCCESS, None
