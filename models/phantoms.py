@@ -32,7 +32,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,12 +40,13 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
-    CTImageStorage,
     ComputedRadiographyImageStorage,
+    CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
-    generate_uid,
 )
+
+from iods.uids import derived_uid
 
 __all__ = [
     "RADIOGRAPH_LABELS",
@@ -80,8 +81,12 @@ _INSTITUTIONS = ("PHANTOM GENERAL HOSPITAL", "SYNTHETIC UNIVERSITY CLINIC", "MOD
 
 
 def _uid(*parts: object) -> str:
-    """A deterministic 2.25 UID from the parts (so regenerated studies keep their UIDs)."""
-    return generate_uid(prefix=None, entropy_srcs=[GENERATOR_VERSION, *(str(p) for p in parts)])
+    """A deterministic 2.25 UID from the parts (so regenerated studies keep their UIDs).
+
+    Name-based (UUID version 5): pydicom's ``generate_uid(prefix=None, ...)`` ignores its
+    entropy sources and is random.
+    """
+    return derived_uid(GENERATOR_VERSION, *(str(p) for p in parts))
 
 
 def study_uid(kind: str, seed: int) -> str:
@@ -260,7 +265,6 @@ class CTParams:
     vessels: tuple[_Vessel, ...]
     nodules: tuple[Nodule, ...]
     female: bool
-    header: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def z_mm(self, k: float) -> float:
         """Anatomical z (mm above the lung base) of slice index ``k``."""
@@ -304,11 +308,10 @@ def ct_chest_params(
     200-slice study has thin slices and a 20-slice one covers part of the chest.
     """
     rng = np.random.default_rng([seed, 0xC7])
+    # Always drawn, so fixing the size does not change the rest of the anatomy's random stream.
+    n_default = int(rng.integers(20, 61))
     if shape is None:
-        n_z = int(slices) if slices is not None else int(rng.integers(20, 61))
-        shape = (n_z, size, size)
-    else:
-        rng.integers(20, 61)  # keep the stream aligned with the default case
+        shape = (int(slices) if slices is not None else n_default, size, size)
     n_z, rows, cols = (int(v) for v in shape)
     if min(shape) < 1:
         raise ValueError(f"shape must be positive, got {shape}")
@@ -366,14 +369,7 @@ def ct_chest_params(
         vessels=tuple(vessels), nodules=(), female=bool(rng.random() < 0.5),
     )
     n_nod = nodules if nodules is not None else (0 if rng.random() < 0.33 else int(rng.integers(1, 4)))
-    placed = _place_nodules(params, rng, int(n_nod))
-    return _with(params, nodules=placed)
-
-
-def _with(p: CTParams, **changes: Any) -> CTParams:
-    from dataclasses import replace
-
-    return replace(p, **changes)
+    return replace(params, nodules=_place_nodules(params, rng, int(n_nod)))
 
 
 def _lung_profile(t: np.ndarray | float) -> np.ndarray:

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -32,13 +33,20 @@ import onnxruntime as ort
 import pydicom
 import torch
 import torch.nn.functional as F
-from pydicom.uid import generate_uid
 from torch import nn
 from tqdm import tqdm
 
 from iods.card import ModelCard, Preprocessing, load_card, parse_card
+from iods.uids import derived_uid
 from models import phantoms
-from models.networks import BODY_PART_CLASSES, LUNG_CLASSES, BodyPartNet, UNet2D, WithActivation, parameter_count
+from models.networks import (
+    BODY_PART_CLASSES,
+    LUNG_CLASSES,
+    BodyPartNet,
+    UNet2D,
+    WithActivation,
+    parameter_count,
+)
 from models.preprocess import prepare, prepare_dataset, resize, to_masks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +103,7 @@ BODY_PART_CODES = {
 
 def model_uid(name: str, version: str) -> str:
     """Fixed UID per name and version, so retraining replaces rather than forks a model."""
-    return generate_uid(prefix=None, entropy_srcs=[f"modelnode reference {name} {version}"])
+    return derived_uid("modelnode reference model", name, version)
 
 
 def lung_card_dict(performance: dict[str, float] | None = None) -> dict[str, Any]:
@@ -229,7 +237,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        return repr(round(v, 6))
+        return repr(v)  # shortest round-trip form; 1e-06 is valid TOML
     if isinstance(v, str):
         return json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
     if isinstance(v, (list, tuple)):
@@ -320,24 +328,28 @@ def _setup_torch() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Soft Dice per class over the whole batch (stable for the rare nodule class)."""
+def _dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice per class over the whole batch (stable for the rare nodule class), weighted sum."""
     p = torch.sigmoid(logits)
     dims = (0, 2, 3)
     inter = (p * target).sum(dims)
     denom = p.sum(dims) + target.sum(dims)
-    return (1 - (2 * inter + eps) / (denom + eps)).mean()
+    return ((1 - (2 * inter + eps) / (denom + eps)) * weight).sum()
 
 
 def train_unet(x: np.ndarray, y: np.ndarray, sched: Schedule) -> UNet2D:
+    # Reseeded per model, so training one model alone (--only) gives the same weights.
+    torch.manual_seed(SEED)
     g = torch.Generator().manual_seed(SEED)
     net = UNet2D(1, len(LUNG_CLASSES), LUNG_WIDTHS)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     lr = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=sched.unet_steps, pct_start=0.15)
-    # Slices with a nodule are drawn four times as often: nodules are a small fraction of voxels.
+    # Nodules are a tiny fraction of voxels: slices showing one are drawn six times as often,
+    # their positives weigh more in the BCE and their Dice term counts double.
     has_nodule = (y[:, 1].reshape(len(y), -1).max(axis=1) > 0.25).astype(np.float64)
-    weights = torch.from_numpy(1.0 + 3.0 * has_nodule)
-    pos_weight = torch.tensor([1.0, 4.0]).view(1, 2, 1, 1)
+    weights = torch.from_numpy(1.0 + 5.0 * has_nodule)
+    pos_weight = torch.tensor([1.0, 10.0]).view(1, 2, 1, 1)
+    class_weight = torch.tensor([1.0, 2.0])
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     net.train()
     bar = tqdm(range(sched.unet_steps), desc="U-Net", unit="step")
@@ -345,7 +357,8 @@ def train_unet(x: np.ndarray, y: np.ndarray, sched: Schedule) -> UNet2D:
         idx = torch.multinomial(weights, sched.unet_batch, replacement=True, generator=g)
         xb, yb = xt[idx].float(), yt[idx].float()
         logits = net(xb)
-        loss = F.binary_cross_entropy_with_logits(logits, yb, pos_weight=pos_weight) + _dice_loss(logits, yb)
+        loss = F.binary_cross_entropy_with_logits(logits, yb, pos_weight=pos_weight) + \
+            _dice_loss(logits, yb, class_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -355,6 +368,7 @@ def train_unet(x: np.ndarray, y: np.ndarray, sched: Schedule) -> UNet2D:
 
 
 def train_classifier(x: np.ndarray, labels: np.ndarray, sched: Schedule) -> BodyPartNet:
+    torch.manual_seed(SEED + 1)
     g = torch.Generator().manual_seed(SEED + 1)
     net = BodyPartNet(1, len(BODY_PART_CLASSES), BODY_WIDTHS)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -388,7 +402,9 @@ def export_onnx(net: nn.Module, path: str | Path, *, task: str, size: tuple[int,
     dummy = torch.zeros(1, 1, *size)
     spatial = {0: "N", 2: "H", 3: "W"}
     out_axes = spatial if task == "segmentation" else {0: "N"}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is deprecated but exact here; silence its notice, not errors.
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             wrapped, (dummy,), str(path), dynamo=False, opset_version=OPSET, input_names=["image"],
             output_names=["probabilities"], dynamic_axes={"image": spatial, "probabilities": out_axes},
@@ -556,11 +572,19 @@ def _pack(onnx_path: Path, card_dict: dict[str, Any], out_dir: Path, stem: str, 
     card = load_card(toml_path)  # the shipped TOML must itself be a valid card
     dcm_path = out_dir / f"{stem}.dcm"
     pack_file(onnx_path, card, dcm_path)
+    dcm_path.chmod(0o644)  # written via a private temporary file; shipped files are world-readable
     return toml_path, dcm_path
 
 
+# Wall-clock figures vary from run to run; they go to the report, not into the card, so that a
+# rerun on the same platform packs byte-identical model objects.
+_NOT_IN_CARD = {"training_seconds", "data_seconds"}
+
+
 def _fmt_perf(perf: dict[str, Any]) -> dict[str, float]:
-    return {k: round(float(v), 4) for k, v in perf.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    """Four significant digits (so a 1e-6 parity figure survives), finite numbers only."""
+    return {k: float(f"{float(v):.4g}") for k, v in perf.items()
+            if k not in _NOT_IN_CARD and isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -579,6 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "python": sys.version.split()[0], "torch": torch.__version__,
                               "onnxruntime": ort.__version__, "threads": THREADS, "seed": SEED}
     t_all = time.perf_counter()
+    summary: list[str] = []
     ct_train = CT_TRAIN if not args.quick else range(CT_TRAIN.start, CT_TRAIN.start + 4)
     ct_held = CT_HELDOUT if not args.quick else range(CT_HELDOUT.start, CT_HELDOUT.start + 2)
     xr_train = XR_TRAIN if not args.quick else range(0, 20)
@@ -606,9 +631,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "Figures: held-out phantoms, exported graph under ONNX Runtime (see docs/reference-models.md).")
         toml_path, dcm_path = _pack(onnx_path, lung_card_dict(_fmt_perf(perf)), args.out, "lung_unet", header)
         report["lung_unet"]["object_bytes"] = dcm_path.stat().st_size
-        print(f"lung U-Net: Dice {perf['dice_lung_mean']:.4f} (min {perf['dice_lung_min']:.4f}), nodule sensitivity "
-              f"{perf['nodule_sensitivity']:.3f} ({perf['nodules_detected']:.0f}/{perf['heldout_nodules']:.0f}), "
-              f"{perf['nodule_false_positives_per_scan']:.2f} FP/scan -> {dcm_path}")
+        summary.append(
+            f"lung U-Net ({dcm_path}, {dcm_path.stat().st_size / 2**20:.2f} MiB): lung Dice mean "
+            f"{perf['dice_lung_mean']:.4f} (min {perf['dice_lung_min']:.4f}) on {len(ct_held)} held-out scans; nodule "
+            f"sensitivity {perf['nodule_sensitivity']:.3f} ({perf['nodules_detected']:.0f}/{perf['heldout_nodules']:.0f}), "
+            f"{perf['nodule_false_positives_per_scan']:.2f} false positives/scan, nodule Dice {perf['dice_nodule_mean']:.3f}; "
+            f"ONNX vs PyTorch max |diff| {diff:.1e}; trained in {t_train:.0f} s")
 
     if args.only in (None, "bodypart"):
         t0 = time.perf_counter()
@@ -627,34 +655,43 @@ def main(argv: Sequence[str] | None = None) -> int:
                    parity(net, session, np.random.default_rng(1).random((3, 1, 128, 128), np.float32), "classification"))
         perf = evaluate_classifier(session, xv32, lv)
         real = evaluate_real(session, card)
-        scored = [r for r in real if r.get("correct") is not None]
         confusion = perf.pop("confusion")
         perf.update(onnx_torch_max_abs_diff=diff, training_seconds=t_train, data_seconds=t_data,
                     parameters=float(parameter_count(net)))
-        if scored:
-            perf["real_images_scored"] = float(len(scored))
-            perf["real_accuracy"] = sum(r["correct"] for r in scored) / len(scored)
+        # Radiographs are what the model is for; CT slices are out of domain and reported apart.
+        for key, modalities in (("real_radiograph", ("CR", "DX")), ("real_ct", ("CT",))):
+            scored = [r for r in real if r.get("correct") is not None and r["modality"] in modalities]
+            if scored:
+                perf[f"{key}_files_scored"] = float(len(scored))
+                perf[f"{key}_accuracy"] = sum(r["correct"] for r in scored) / len(scored)
         report["bodypart_cnn"] = {**perf, "confusion": confusion, "classes": list(BODY_PART_CLASSES), "real": real}
         header = (f"Reference body-part classifier card, written by python -m models.train on {CARD_DATE}.\n"
                   "Figures: held-out phantoms, exported graph under ONNX Runtime (see docs/reference-models.md).")
         toml_path, dcm_path = _pack(onnx_path, body_card_dict(_fmt_perf(perf)), args.out, "bodypart_cnn", header)
         report["bodypart_cnn"]["object_bytes"] = dcm_path.stat().st_size
-        print(f"body-part CNN: accuracy {perf['accuracy']:.4f} on {len(lv)} held-out radiographs -> {dcm_path}")
-        print("confusion (rows true, columns predicted): " + " ".join(BODY_PART_CLASSES))
+        summary.append(
+            f"body-part CNN ({dcm_path}, {dcm_path.stat().st_size / 2**20:.2f} MiB): accuracy {perf['accuracy']:.4f} "
+            f"on {len(lv)} held-out radiographs; ONNX vs PyTorch max |diff| {diff:.1e}; trained in {t_train:.0f} s")
+        summary.append("  confusion (rows true, columns predicted): " + " ".join(BODY_PART_CLASSES))
         for name, row in zip(BODY_PART_CLASSES, confusion, strict=True):
-            print(f"  {name:>8}: {row}")
-        print("real images (pydicom test files / pydicom-data):")
+            summary.append(f"  {name:>8}: {row}")
+        summary.append("  real images (pydicom test files and pydicom-data; CT slices are out of domain):")
         for r in real:
             if "predicted" in r:
                 mark = "n/a" if r["correct"] is None else ("ok" if r["correct"] else "WRONG")
-                print(f"  {r['file']:<36} {r['modality']:>2} {r['body_part']:<10} {r['size']:>9} -> "
-                      f"{r['predicted']:<8} p={r['p']:.2f} expected {r['expected']} [{mark}]")
+                summary.append(f"    {r['file']:<34} {r['modality']:>2} {r['body_part']:<10} {r['size']:>9} -> "
+                               f"{r['predicted']:<8} p={r['p']:.2f} expected {r['expected']} [{mark}]")
             else:
-                print(f"  {r['file']:<36} {r.get('error', 'missing')}")
+                summary.append(f"    {r['file']:<34} {r.get('error', 'missing')}")
+        for key in ("real_radiograph", "real_ct"):
+            if f"{key}_accuracy" in perf:
+                summary.append(f"  {key.replace('_', ' ')}: {perf[f'{key}_accuracy']:.3f} of "
+                               f"{perf[f'{key}_files_scored']:.0f} files with a body part the model knows")
 
     report["total_seconds"] = time.perf_counter() - t_all
     (args.build / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"total {report['total_seconds']:.0f} s; report: {args.build / 'report.json'}")
+    print("\n".join(["", "=== reference models ===", *summary,
+                     f"total {report['total_seconds']:.0f} s; report: {args.build / 'report.json'}"]))
     return 0
 
 

@@ -85,11 +85,11 @@ class Orthanc:
 
 @contextmanager
 def orthanc(workdir: Path, modalities: dict[str, tuple[str, str, int]] | None = None,
-            aet: str = "ORTHANC") -> Iterator[Orthanc]:
+            aet: str = "ORTHANC", port: int | None = None) -> Iterator[Orthanc]:
     """Start an Orthanc on free loopback ports; ``modalities`` maps a name to (AE, host, port)."""
     binary = ORTHANC or require("Orthanc")
     workdir.mkdir(parents=True, exist_ok=True)
-    port, http_port = free_port(), free_port()
+    port, http_port = port or free_port(), free_port()
     cfg = {
         "Name": "modelnode-test",
         "DicomAet": aet,
