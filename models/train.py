@@ -56,7 +56,7 @@ SEED = 20261121
 THREADS = 2
 OPSET = 17
 CARD_DATE = "2026-11-21"
-TRAINING_COMMAND = "scripts/train_reference  (python -m models.train)"
+TRAINING_COMMAND = "scripts/train_reference (python -m models.train)"
 
 # Seed lists. Tests use seeds from 9000 (CT) and 90000 (radiographs) up, never these.
 CT_TRAIN = range(1000, 1072)
@@ -582,9 +582,13 @@ _NOT_IN_CARD = {"training_seconds", "data_seconds"}
 
 
 def _fmt_perf(perf: dict[str, Any]) -> dict[str, float]:
-    """Four significant digits (so a 1e-6 parity figure survives), finite numbers only."""
-    return {k: float(f"{float(v):.4g}") for k, v in perf.items()
-            if k not in _NOT_IN_CARD and isinstance(v, (int, float)) and math.isfinite(v)}
+    """Counts exact, other figures to four significant digits (so a 1e-6 parity figure survives)."""
+    out = {}
+    for k, v in perf.items():
+        if k in _NOT_IN_CARD or not isinstance(v, (int, float)) or not math.isfinite(v):
+            continue
+        out[k] = float(v) if float(v).is_integer() else float(f"{float(v):.4g}")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
