@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no controls
+# node.identity: pbkdf2-sha256$<iterations>$<salt, base64>$<32-byte hash, base64>
+_PASSCODE_HASH_RE = re.compile(r"^pbkdf2-sha256\$[1-9][0-9]{3,8}\$[A-Za-z0-9+/=]{8,}\$[A-Za-z0-9+/=]{43,44}$")
 
 
 class ConfigError(ValueError):
@@ -63,6 +65,9 @@ class NodeSection:
     select_ae_title: str = "MODELNODE_SELECT"
     # Require the called AE title to be ours (some scanners get this wrong; off by default).
     require_called_ae: bool = False
+    # SIGTERM: stop accepting, then give associations in progress this long to finish before
+    # they are aborted (keep it below the unit's TimeoutStopSec).
+    shutdown_timeout: float = 30.0
 
 
 @dataclass
@@ -72,6 +77,12 @@ class StorageSection:
     fsync: bool = True
     # What a second instance with a known SOP Instance UID does: "replace" (newest wins) or "reject".
     duplicate_policy: str = "replace"
+    # Disk watermarks of the data directory's filesystem (node.diskguard): at or above
+    # high_water_percent used (or below min_free_mb free) a C-STORE is refused with 0xA700
+    # (Out of Resources); storing resumes once use is back at or below low_water_percent.
+    high_water_percent: float = 95.0
+    low_water_percent: float = 90.0
+    min_free_mb: int = 0
 
 
 @dataclass
@@ -162,6 +173,59 @@ class LoggingSection:
 
 
 @dataclass
+class TlsSection:
+    """DICOM TLS (BCP 195 profile, node.tls). Files are PEM."""
+
+    # The SCP speaks TLS. Where: see ``port``.
+    enabled: bool = False
+    certificate: str = ""  # the node's certificate chain, leaf first (also presented as a client)
+    private_key: str = ""  # unencrypted; readable by the service user only
+    # CAs that sign peers' certificates: client certificates we accept, servers we call.
+    # Empty: the system's trust store for servers we call (client certificates need a file).
+    ca_certificates: str = ""
+    require_client_certificate: bool = False
+    # 0: [node] port speaks TLS only. Else a second listener on this port speaks TLS and
+    # [node] port stays plain (a migration period; 2762 is DICOM's registered TLS port).
+    port: int = 0
+    # As a client ([[peers]] with tls = true): the server certificate must name the peer's host.
+    check_hostname: bool = True
+
+
+@dataclass
+class User:
+    """A user for User Identity Negotiation (username and passcode, PS3.7 D.3.3.7)."""
+
+    username: str
+    # "pbkdf2-sha256$<iterations>$<salt, base64>$<hash, base64>": `modelnode config hash-passcode`.
+    passcode_hash: str
+    permissions: list[str] = field(default_factory=lambda: ["echo", "store-images", "store-models", "query", "retrieve"])
+
+
+@dataclass
+class SecuritySection:
+    # Reject associations that carry no (or an unverifiable) username and passcode.
+    require_user_identity: bool = False
+    # What a caller not listed in [[peers]] may do (matters only with node.allow_list = false).
+    default_permissions: list[str] = field(default_factory=lambda: ["echo", "store-images", "store-models", "query", "retrieve"])
+
+
+@dataclass
+class AuditSection:
+    enabled: bool = True
+    path: str = ""  # default <data_dir>/audit.jsonl
+    # fsync after every event: an accepted association is on disk before its first C-STORE.
+    fsync: bool = False
+
+
+@dataclass
+class MetricsSection:
+    # Prometheus text exposition over HTTP (node.metrics). Off by default: it opens a port.
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = 9110
+
+
+@dataclass
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     storage: StorageSection = field(default_factory=StorageSection)
@@ -173,7 +237,12 @@ class Config:
     inference: InferenceSection = field(default_factory=InferenceSection)
     export: ExportSection = field(default_factory=ExportSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    security: SecuritySection = field(default_factory=SecuritySection)
+    audit: AuditSection = field(default_factory=AuditSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     peers: list[Peer] = field(default_factory=list)
+    users: list[User] = field(default_factory=list)
     source: str = ""  # the file it came from, "" for the embedded defaults
 
     @property
@@ -189,6 +258,16 @@ class Config:
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{(self.data_dir / 'modelnode.db').resolve()}"
+
+    @property
+    def audit_path(self) -> Path:
+        return Path(self.audit.path).expanduser() if self.audit.path else self.data_dir / "audit.jsonl"
+
+    def user(self, username: str) -> User | None:
+        for u in self.users:
+            if u.username == username:
+                return u
+        return None
 
     def peer(self, ae_title: str) -> Peer | None:
         for p in self.peers:
@@ -354,6 +433,73 @@ def _check(cfg: Config, problems: list[tuple[str, str]]) -> None:
         for perm in p.permissions:
             if perm not in PERMISSIONS:
                 problems.append((f"{key}.permissions", f"unknown permission {perm!r}; known: {sorted(PERMISSIONS)}"))
+    _check_service(cfg, problems)
+
+
+def _check_service(cfg: Config, problems: list[tuple[str, str]]) -> None:
+    """Issue 7 sections: shutdown, watermarks, TLS, users, security, audit, metrics.
+
+    Files are checked for existence here; that they parse (and that the key matches the
+    certificate) is checked by ``modelnode config check`` and at start (node.tls.validate),
+    because every CLI command loads the configuration and an operator need not be able to
+    read the service's private key.
+    """
+    if cfg.node.shutdown_timeout < 0:
+        problems.append(("node.shutdown_timeout", "must not be negative"))
+    st = cfg.storage
+    if not 0 < st.high_water_percent <= 100:
+        problems.append(("storage.high_water_percent", "must lie in (0, 100]"))
+    if not 0 < st.low_water_percent <= st.high_water_percent:
+        problems.append(("storage.low_water_percent", "must be positive and at most storage.high_water_percent"))
+    if st.min_free_mb < 0:
+        problems.append(("storage.min_free_mb", "must not be negative"))
+    tls = cfg.tls
+    if tls.enabled:
+        for key in ("certificate", "private_key"):
+            if not getattr(tls, key):
+                problems.append((f"tls.{key}", "is required when tls.enabled = true"))
+        if tls.port and tls.port == cfg.node.port:
+            problems.append(("tls.port", "must differ from node.port (0 makes node.port the TLS port)"))
+    if not 0 <= tls.port < 65536:
+        problems.append(("tls.port", f"{tls.port} is not 0 or a TCP port (1-65535)"))
+    if tls.require_client_certificate and not tls.ca_certificates:
+        problems.append(("tls.require_client_certificate", "needs tls.ca_certificates to verify client certificates"))
+    if tls.private_key and not tls.certificate:
+        problems.append(("tls.certificate", "is required with tls.private_key"))
+    for key in ("certificate", "private_key", "ca_certificates"):
+        value = getattr(tls, key)
+        if value and not Path(value).expanduser().is_file():
+            problems.append((f"tls.{key}", f"{value} is not a file"))
+    names: set[str] = set()
+    for i, u in enumerate(cfg.users):
+        if u is None:
+            continue
+        key = f"users[{i}]"
+        if not u.username or len(u.username) > 256:
+            problems.append((f"{key}.username", "must be 1-256 characters"))
+        if u.username in names:
+            problems.append((f"{key}.username", f"duplicate user {u.username!r}"))
+        names.add(u.username)
+        if not _PASSCODE_HASH_RE.match(u.passcode_hash or ""):
+            problems.append((f"{key}.passcode_hash",
+                             "must be pbkdf2-sha256$ITERATIONS$SALT$HASH (make one: modelnode config hash-passcode)"))
+        for perm in u.permissions:
+            if perm not in PERMISSIONS:
+                problems.append((f"{key}.permissions", f"unknown permission {perm!r}; known: {sorted(PERMISSIONS)}"))
+    if cfg.security.require_user_identity and not cfg.users:
+        problems.append(("security.require_user_identity", "no [[users]] are configured: every association would be rejected"))
+    for perm in cfg.security.default_permissions:
+        if perm not in PERMISSIONS:
+            problems.append(("security.default_permissions", f"unknown permission {perm!r}; known: {sorted(PERMISSIONS)}"))
+    m = cfg.metrics
+    try:
+        ipaddress.ip_address(m.bind)
+    except ValueError:
+        problems.append(("metrics.bind", f"{m.bind!r} is not an IP address"))
+    if not 0 <= m.port < 65536:
+        problems.append(("metrics.port", f"{m.port} is not a TCP port"))
+    if m.enabled and m.port in (cfg.node.port, tls.port):
+        problems.append(("metrics.port", "must differ from the DICOM ports"))
 
 
 def parse_config(data: dict[str, Any], source: str = "") -> Config:
@@ -362,6 +508,7 @@ def parse_config(data: dict[str, Any], source: str = "") -> Config:
     if cfg is None:
         raise ConfigError(problems, source)
     cfg.peers = [p for p in cfg.peers if p is not None]
+    cfg.users = [u for u in cfg.users if u is not None]
     _check(cfg, problems)
     if problems:
         raise ConfigError(problems, source)

@@ -151,6 +151,11 @@ class Pipeline:
                 log.info("job %d: done in %.2f s, %d result(s), %d export(s) queued", job.id,
                          timings["total"], len(made), queued)
         except Exception as exc:
+            if self._stop.is_set():
+                # Shutting down under it (the database may be closing): leave the job as it is,
+                # the next start requeues it.
+                log.warning("job %d interrupted by shutdown; it runs again after the restart", job.id)
+                return
             log.exception("job %d failed", job.id)
             with self.ctx.write_lock:
                 jobs.transition(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -284,4 +289,10 @@ class Pipeline:
         peer = self.ctx.config.peer(destination)
         if peer is None:
             raise LookupError(f"export destination {destination!r} is not a configured peer")
-        return scu.store_one(peer, path, calling_ae=self.ctx.config.node.ae_title)
+        cfg = self.ctx.config.node
+        # One attempt: the outbox owns retrying, with its own backoff and maximum age.
+        options = scu.Options(calling_ae=cfg.ae_title, retry=scu.NO_RETRY, max_pdu=cfg.max_pdu or 262144)
+        [result] = scu.store([path], scu.Address(peer.ae_title, peer.host, peer.port), options)
+        if result.status is None:
+            raise RuntimeError(result.error or "no status")
+        return result.status

@@ -50,6 +50,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import AssociationSocket
 
 from node import store as store_handler
+from node import systemd
 from node.app import App, open_app
 from node.config import Config, Peer
 from node.context import NodeContext
@@ -297,6 +298,8 @@ class Node:
         self.ae = self._build_ae()
         self._server: Any = None
         self._stopped = threading.Event()
+        self.pipeline: Any = None
+        self._watchdog: Any = None
 
     # ------------------------------------------------------------------ AE
 
@@ -384,11 +387,13 @@ class Node:
 
     def _on_aborted(self, event: evt.Event) -> None:
         assoc = event.assoc
+        store_handler.association_ended(self.ctx, assoc)
         # A connection that never sent an A-ASSOCIATE-RQ (a port probe) is not worth an INFO line.
         level = logging.INFO if assoc.requestor.primitive is not None else logging.DEBUG
         log.log(level, "[%s] association aborted with %s", assoc_id(assoc), _peer_desc(assoc))
 
     def _on_released(self, event: evt.Event) -> None:
+        store_handler.association_ended(self.ctx, event.assoc)
         log.info("[%s] association released by %s", assoc_id(event.assoc), _peer_desc(event.assoc))
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -403,6 +408,15 @@ class Node:
         store_handler.prepare(self.ctx)
         self._server = self.ae.start_server((n.bind, n.port), block=False, evt_handlers=self.handlers())
         log.info("listening as %s on %s:%d", n.ae_title, n.bind, self.port)
+        if self.config.pipeline.enabled:
+            from node.pipeline import Pipeline
+
+            self.pipeline = Pipeline(self.ctx)
+            self.pipeline.start()
+        # The port is bound and the database open: tell systemd (no-op outside it).
+        systemd.notify(f"READY=1\nSTATUS=serving {n.ae_title} on {n.bind}:{self.port}")
+        self._watchdog = systemd.Watchdog()
+        self._watchdog.start()
         if block:
             self._stopped.wait()
 
@@ -419,7 +433,13 @@ class Node:
             return
         self._stopped.set()
         log.info("stopping: %d association(s) active", len(self.ae.active_associations))
+        systemd.notify("STOPPING=1")
+        if self._watchdog is not None:
+            self._watchdog.stop()
         self.ae.shutdown()
+        if self.pipeline is not None:
+            # A job cut short here stays 'running' in the database and is requeued at start.
+            self.pipeline.stop(timeout=10)
         self.app.close()
         log.info("stopped")
 

@@ -356,7 +356,7 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
                 raise StoreRefused(MODEL_REFUSED, f"{exc.code}: {exc}") from exc
 
         # 4. Into objects/ and into the index, in one transaction, one writer at a time.
-        old_digest = _index(ctx, ds, durable, transfer_syntax, calling, is_model, card)
+        old_digest = _index(ctx, ds, durable, transfer_syntax, calling, is_model, card, event.assoc)
         stored = durable.finish()
     except BaseException:
         durable.abandon(ctx)
@@ -442,7 +442,7 @@ def _sync_dirs(leaf: Path, new_dirs: list[Path]) -> None:
 
 
 def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: str,
-           calling: str, is_model: bool, card: Any) -> str | None:
+           calling: str, is_model: bool, card: Any, assoc: Any = None) -> str | None:
     """Write the index rows; commit once the file they name is in place.
 
     A new instance commits while its directory entry is being fsynced (both wait on the disk;
@@ -479,10 +479,44 @@ def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: st
                                              transfer_syntax=transfer_syntax, calling_ae=calling)
             if prev is not None and prev.series_id != row.series_id:
                 _prune_series(prev.series_id)
+            if assoc is not None and ctx.config.pipeline.enabled and str(ds.get("Modality", "")) not in NOT_IMAGES:
+                # Same transaction as the index row: an acknowledged instance always counts
+                # towards its series' completion, even across a crash.
+                _note_arrival(ctx, ds, assoc, calling)
         if not stored.path.exists():
             # Same bytes discarded meanwhile by a refused or replaced twin: let the sender retry.
             raise OSError(errno.ENOENT, "stored file vanished before commit")
     return previous[0] if previous is not None else None
+
+
+# Modalities of objects that are results or documents, not images a model could run on.
+NOT_IMAGES = {"SEG", "SR", "KO", "PR", "REG", "DOC", "RWV", "PLAN", "RTSTRUCT", "RTPLAN", "RTDOSE"}
+
+
+def _note_arrival(ctx: NodeContext, ds: Dataset, assoc: Any, calling: str) -> None:
+    from node import jobs
+
+    primitive = getattr(assoc.requestor, "primitive", None)
+    called = str(getattr(primitive, "called_ae_title", "") or "").strip()
+    pl = ctx.config.pipeline
+    group_by = pl.group_by_called_ae.get(called, pl.group_by)
+    study = str(ds.get("StudyInstanceUID", ""))
+    key = study if group_by == "study" else str(ds.get("SeriesInstanceUID", ""))
+    groups: set[str] = assoc.__dict__.setdefault("_modelnode_groups", set())
+    jobs.note_arrival(key, group_by=group_by, study_uid=study, called_ae=called[:16], calling_ae=calling[:16],
+                      new_association=key not in groups)
+    groups.add(key)
+
+
+def association_ended(ctx: NodeContext, assoc: Any) -> None:
+    """Released or aborted: the series it delivered may now complete (see node.jobs)."""
+    from node import jobs
+
+    groups = assoc.__dict__.get("_modelnode_groups")
+    if groups:
+        with ctx.write_lock, database_proxy.obj.atomic():
+            jobs.association_ended(set(groups))
+        groups.clear()
 
 
 def recover(ctx: NodeContext) -> int:

@@ -114,7 +114,7 @@ def test_ct_study_to_seg_in_orthanc_and_radiograph_to_sr(tmp_path):
     assert seg.SegmentSequence[0].SegmentLabel == "lung"
     truth = ct_truth(CT_SEED, slices=CT_SLICES)
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in ct]
-    uid_to_index = {uid: k for k, uid in enumerate(truth.instance_uids)}
+    uid_to_index = {uid: k for k, uid in enumerate(truth.sop_instance_uids)}
     pred = np.zeros_like(truth.lung)
     ordered = sorted(sources, key=lambda ds: uid_to_index[ds.SOPInstanceUID])
     pixels = seg.get_pixels_by_source_instance(

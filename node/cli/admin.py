@@ -65,7 +65,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         from node import scu
 
-        report["node_echo"] = scu.echo_status(cfg)  # the running node, if any, answers C-ECHO
+        host = "127.0.0.1" if cfg.node.bind in ("0.0.0.0", "::") else cfg.node.bind
+        options = scu.Options(calling_ae="MODELNODE-STATUS"[:16], retry=scu.NO_RETRY, connect_timeout=3)
+        scu.echo(scu.Address(cfg.node.ae_title, host, cfg.node.port), options)
+        report["node_echo"] = f"answering on {host}:{cfg.node.port}"
     except Exception as exc:  # no running node is a fact to report, not a crash
         report["node_echo"] = f"not answering: {exc}"
     if args.json:
