@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from iods import model_object
 from iods.anatomy import AnatomyNormaliser
 from iods.card import ModelCard
+from models.image_check import image_anatomy
 from node import index, jobs, outbox
 from node.context import NodeContext
 from node.selection import Selection, SeriesFacts, select
@@ -183,8 +184,11 @@ class Pipeline:
         datasets = self._load_series(series)
         timings["load"] = time.perf_counter() - t
         t = time.perf_counter()
-        facts = SeriesFacts.from_datasets(datasets, normaliser=self.normaliser, called_ae=job.called_ae)
-        sel = select(facts, self._models(), self.ctx.config.selection, normaliser=self.normaliser)
+        models = self._models()
+        seen = image_anatomy(datasets, models, self._session, self.normaliser)
+        facts = SeriesFacts.from_datasets(datasets, normaliser=self.normaliser, called_ae=job.called_ae,
+                                          image_anatomy=seen)
+        sel = select(facts, models, self.ctx.config.selection, normaliser=self.normaliser)
         timings["select"] = time.perf_counter() - t
         log.info("job %d: selection for series %s (%s, %d instance(s)):\n%s", job.id,
                  jobs._short(series.series_uid), series.modality, len(datasets), sel.explain())
@@ -208,6 +212,10 @@ class Pipeline:
         uid = self._store_result(result_ds)
         timings["store_result"] = time.perf_counter() - t
         return SeriesResult(series.series_uid, sel, [uid], timings)
+
+    def _session(self, uid: str):
+        record = self.ctx.app.registry.get(uid)
+        return self.sessions.get(uid, self._verified_onnx(self.ctx.app.registry.path(record)), self._providers_for(record))
 
     def _verified_onnx(self, path) -> bytes:
         # The object was verified on arrival; verify again, because the file on disk is what runs.

@@ -58,17 +58,33 @@ def cmd_select(args: argparse.Namespace) -> int:
     try:
         datasets = _gather(args.paths, app)
         models = [(r.uid, r.card) for r in app.registry.all_with_terms()]
+        onnx_of = {r.uid: app.registry.path(r) for r in app.registry.all_with_terms()} if args.image_check else {}
     finally:
         app.close()
     normaliser = AnatomyNormaliser(extra_synonyms=cfg.anatomy.synonyms)
+    sessions = None
+    if args.image_check:
+        from iods import model_object
+        from models.runtime import RuntimeSettings, SessionCache
+
+        sessions = SessionCache(RuntimeSettings(providers=tuple(cfg.inference.providers)))
+
+        def load(uid: str):
+            payload, _ = model_object.decode(model_object.read_file(onnx_of[uid]))
+            return sessions.get(uid, payload)
     groups: dict[str, list[pydicom.Dataset]] = defaultdict(list)
     for ds in datasets:
         groups[str(ds.get("SeriesInstanceUID", "?"))].append(ds)
     results: list[dict[str, Any]] = []
     for series_uid in sorted(groups):
         series = groups[series_uid]
+        seen = []
+        if sessions is not None:
+            from models.image_check import image_anatomy
+
+            seen = image_anatomy(series, models, load, normaliser)
         facts = SeriesFacts.from_datasets(series, normaliser=normaliser, called_ae=args.called_ae or "",
-                                          findings=args.finding or [])
+                                          findings=args.finding or [], image_anatomy=seen)
         sel = select(facts, models, cfg.selection, normaliser=normaliser)
         results.append({"series_uid": series_uid, "instances": len(series), "selection": sel})
     if args.json:
@@ -99,5 +115,7 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--called-ae", metavar="AE", help="rank as if the study was sent to this AE title (site rules)")
     p.add_argument("--finding", action="append", metavar="SCT", help="SNOMED CT finding the request names (repeatable)")
+    p.add_argument("--image-check", action="store_true",
+                   help="also run a registered body-part classifier on radiographs (as the pipeline does)")
     p.add_argument("--fail-if-none", action="store_true", help="exit 4 when a series has no suitable model")
     p.set_defaults(func=cmd_select)
