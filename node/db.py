@@ -33,6 +33,21 @@ class BaseModel(peewee.Model):
         database = database_proxy
 
 
+def write_transaction(db: peewee.Database | None = None) -> peewee._atomic:
+    """A transaction that will write: BEGIN IMMEDIATE on SQLite.
+
+    A deferred transaction that reads and then writes cannot upgrade its lock once another
+    connection (``modelnode models add`` in another process, say) committed since its read:
+    SQLite answers SQLITE_BUSY at once, without waiting. Taking the write lock up front makes
+    it wait for the other writer instead (busy_timeout), which is what a C-STORE should do.
+    Nested, it is a savepoint like any ``atomic()``.
+    """
+    db = db or database_proxy.obj
+    if isinstance(db, peewee.SqliteDatabase):
+        return db.atomic("IMMEDIATE")
+    return db.atomic()
+
+
 def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 

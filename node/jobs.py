@@ -30,7 +30,7 @@ from typing import Any
 
 import peewee
 
-from node.db import BaseModel, database_proxy
+from node.db import BaseModel, database_proxy, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def promote_ready(quiet_seconds: float, now: _dt.datetime | None = None) -> list
     cutoff = now - _dt.timedelta(seconds=quiet_seconds)
     db = database_proxy.obj
     jobs = []
-    with db.atomic():
+    with write_transaction(db):
         ready = list(Arrival.select().where((Arrival.last_received <= cutoff) & (Arrival.open_associations <= 0))
                      .order_by(Arrival.last_received, Arrival.group_key))
         for a in ready:
@@ -133,7 +133,7 @@ def promote_ready(quiet_seconds: float, now: _dt.datetime | None = None) -> list
 def reset_after_restart(max_attempts: int) -> tuple[int, int]:
     """Requeue jobs a killed node left mid-way; returns (requeued, given up)."""
     db = database_proxy.obj
-    with db.atomic():
+    with write_transaction(db):
         # No association survives a restart.
         Arrival.update(open_associations=0).execute()
         stuck = list(Job.select().where(Job.state.in_(("selected", "running"))))

@@ -15,7 +15,7 @@ import logging
 
 import peewee
 
-from node.db import BaseModel, database_proxy
+from node.db import BaseModel, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class OutboxItem(BaseModel):
 
 def enqueue(job_id: int | None, sop_uid: str, digest: str, destination: str) -> OutboxItem:
     """Queue an instance for a destination. A re-run replaces a still-pending copy of the same UID."""
-    with database_proxy.obj.atomic():
+    with write_transaction():
         (OutboxItem.delete().where((OutboxItem.sop_uid == sop_uid) & (OutboxItem.destination == destination)
                                    & (OutboxItem.state == "pending")).execute())
         return OutboxItem.create(job_id=job_id, sop_uid=sop_uid, digest=digest, destination=destination)

@@ -31,6 +31,7 @@ from iods.card import ModelCard
 from models.image_check import image_anatomy
 from node import index, jobs, outbox
 from node.context import NodeContext
+from node.db import write_transaction
 from node.selection import Selection, SeriesFacts, select
 
 log = logging.getLogger("modelnode.pipeline")
@@ -233,7 +234,7 @@ class Pipeline:
         ds.save_as(buf, enforce_file_format=True)
         stored = self.ctx.app.store.put_bytes(buf.getvalue())
         ts = str(ds.file_meta.TransferSyntaxUID)
-        with self.ctx.write_lock, self.ctx.app.db.atomic():
+        with self.ctx.write_lock, write_transaction(self.ctx.app.db):
             _, previous = index.index_instance(ds, digest=stored.digest, size=stored.size, transfer_syntax=ts,
                                                calling_ae=self.ctx.config.node.ae_title)
         if previous is not None and previous.digest != stored.digest and not index.digest_in_use(previous.digest):

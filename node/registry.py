@@ -24,7 +24,7 @@ import peewee
 from iods import model_object
 from iods.card import ModelCard, card_from_json
 from node import index
-from node.db import BaseModel, database_proxy
+from node.db import BaseModel, database_proxy, write_transaction
 from node.storage import ObjectStore, StoredObject
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class Registry:
         _, payload = model_object.read_card(ds, max_payload=self.max_payload)
         uid = str(ds.SOPInstanceUID)
         db = database_proxy.obj
-        with db.atomic():
+        with write_transaction(db):
             existing = ModelRecord.get_or_none(ModelRecord.uid == uid)
             if existing is not None:
                 if existing.payload_sha256 == payload.sha256 and existing.card_json == card.to_json():
@@ -181,7 +181,7 @@ class Registry:
     def remove(self, uid: str) -> ModelRecord | None:
         """Remove a model and its file (when no other instance shares the bytes)."""
         db = database_proxy.obj
-        with db.atomic():
+        with write_transaction(db):
             record = ModelRecord.get_or_none(ModelRecord.uid == uid)
             if record is None:
                 return None

@@ -55,7 +55,7 @@ from iods import model_object
 from iods.uids import derived_uid
 from node import index
 from node.context import NodeContext
-from node.db import database_proxy
+from node.db import database_proxy, write_transaction
 from node.storage import ObjectStore, StoredObject
 
 log = logging.getLogger("modelnode.store")
@@ -253,7 +253,7 @@ def _preallocate_wal(db: peewee.Database) -> None:
     wal = Path(f"{db.database}-wal")
     if wal.exists() and wal.stat().st_size >= WAL_PREALLOCATE:
         return
-    with db.atomic():
+    with write_transaction(db):
         db.execute_sql('CREATE TABLE IF NOT EXISTS "_wal_preallocate" ("x" BLOB)')
         db.execute_sql('INSERT INTO "_wal_preallocate" VALUES (zeroblob(?))', (WAL_PREALLOCATE,))
     db.execute_sql('DROP TABLE "_wal_preallocate"')
@@ -456,7 +456,7 @@ def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: st
 
     db = database_proxy.obj
     policy = ctx.config.storage.duplicate_policy
-    with ctx.write_lock, db.atomic():
+    with ctx.write_lock, write_transaction(db):
         previous = index.stored_digest(str(ds.SOPInstanceUID), with_model_flag=True)
         if previous is not None:
             old_digest, old_is_model = previous
@@ -514,7 +514,7 @@ def association_ended(ctx: NodeContext, assoc: Any) -> None:
 
     groups = assoc.__dict__.get("_modelnode_groups")
     if groups:
-        with ctx.write_lock, database_proxy.obj.atomic():
+        with ctx.write_lock, write_transaction():
             jobs.association_ended(set(groups))
         groups.clear()
 
@@ -533,7 +533,7 @@ def recover(ctx: NodeContext) -> int:
         index.Instance.received_at.desc()).limit(limit)
     for row in list(rows):
         if not store.exists(row.digest):
-            with ctx.write_lock, database_proxy.obj.atomic():
+            with ctx.write_lock, write_transaction():
                 index.remove_instance(row.sop_uid)
             log.warning("recovered from a crash: instance %s had no file (never acknowledged); removed from the index",
                         row.sop_uid)

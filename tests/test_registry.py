@@ -139,3 +139,44 @@ def test_replace_keeps_card_immutable_fields(seg_card):
     # A card whose uid is set explicitly is kept verbatim as the SOP Instance UID.
     card = replace(seg_card, identity=replace(seg_card.identity, uid="1.2.3.4.5"))
     assert mo.encode(segmentation_model(), card).SOPInstanceUID == "1.2.3.4.5"
+
+
+def test_write_transaction_waits_for_a_concurrent_writer_instead_of_failing(app):
+    """A read-then-write transaction must not fail when another connection commits meanwhile
+    (``models add`` from the CLI while the node stores): BEGIN IMMEDIATE makes it wait."""
+    import threading
+
+    from node.db import write_transaction
+
+    read_done, other_finished = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def storer():
+        try:
+            with write_transaction():
+                index.Patient.select().count()
+                read_done.set()
+                other_finished.wait(1.0)  # the other writer is blocked meanwhile, not failing
+                index.Patient.create(patient_id="A")
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+        finally:
+            read_done.set()
+
+    def other_writer():
+        read_done.wait(5)
+        try:
+            with app.db.atomic():
+                index.Patient.create(patient_id="B")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            other_finished.set()
+
+    threads = [threading.Thread(target=storer), threading.Thread(target=other_writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert errors == []
+    assert sorted(p.patient_id for p in index.Patient.select()) == ["A", "B"]
