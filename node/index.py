@@ -382,17 +382,24 @@ def remove_instance(sop_uid: str) -> Instance | None:
     row = Instance.get_or_none(Instance.sop_uid == sop_uid)
     if row is None:
         return None
-    series = row.series
+    series_id = row.series_id
     row.delete_instance()
-    if not series.instances.exists():
-        study = series.study
-        series.delete_instance()
-        if not study.series.exists():
-            patient = study.patient
-            study.delete_instance()
-            if not patient.studies.exists():
-                patient.delete_instance()
+    prune_series(series_id)
     return row
+
+
+def prune_series(series_id: int) -> None:
+    """Delete the series if it has no instance left, then its study and patient if empty."""
+    series = Series.get_or_none(Series.id == series_id)
+    if series is None or series.instances.exists():
+        return
+    study = series.study
+    series.delete_instance()
+    if not study.series.exists():
+        patient = study.patient
+        study.delete_instance()
+        if not patient.studies.exists():
+            patient.delete_instance()
 
 
 def digest_in_use(digest: str) -> bool:

@@ -130,13 +130,14 @@ class ObjectStore:
         os.replace(tmp, final)
         if self.fsync:
             # A new fan-out directory must itself be durable, or the rename can be lost with it.
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             for d in new_dirs:
-                _fsync_dir(d.parent)
+                fsync_dir(d.parent)
         return StoredObject(digest, final, size)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename into it, a new subdirectory) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -56,7 +56,7 @@ from iods.uids import derived_uid
 from node import index
 from node.context import NodeContext
 from node.db import database_proxy, write_transaction
-from node.storage import ObjectStore, StoredObject
+from node.storage import ObjectStore, StoredObject, fsync_dir
 
 log = logging.getLogger("modelnode.store")
 
@@ -233,7 +233,7 @@ def _make_fanout(store: ObjectStore) -> None:
     for d in missing:
         d.mkdir(exist_ok=True)
     if missing and store.fsync:
-        _fsync_path(store.objects)
+        fsync_dir(store.objects)
 
 
 def _preallocate_wal(db: peewee.Database) -> None:
@@ -436,9 +436,9 @@ def _place(store: ObjectStore, src: Path, digest: str, size: int) -> tuple[Store
 
 
 def _sync_dirs(leaf: Path, new_dirs: list[Path]) -> None:
-    _fsync_path(leaf)
+    fsync_dir(leaf)
     for d in new_dirs:
-        _fsync_path(d.parent)
+        fsync_dir(d.parent)
 
 
 def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: str,
@@ -478,7 +478,7 @@ def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: st
             row, prev = index.index_instance(ds, digest=durable.digest, size=durable.size,
                                              transfer_syntax=transfer_syntax, calling_ae=calling)
             if prev is not None and prev.series_id != row.series_id:
-                _prune_series(prev.series_id)
+                index.prune_series(prev.series_id)
             if assoc is not None and ctx.config.pipeline.enabled and str(ds.get("Modality", "")) not in NOT_IMAGES:
                 # Same transaction as the index row: an acknowledged instance always counts
                 # towards its series' completion, even across a crash.
@@ -672,20 +672,6 @@ def _check_structure(ds: Dataset, size: int) -> None:
             )
 
 
-def _prune_series(series_id: int) -> None:
-    """A replaced instance moved to another series: drop the rows it left empty."""
-    series = index.Series.get_or_none(index.Series.id == series_id)
-    if series is None or series.instances.exists():
-        return
-    study = series.study
-    series.delete_instance()
-    if not study.series.exists():
-        patient = study.patient
-        study.delete_instance()
-        if not patient.studies.exists():
-            patient.delete_instance()
-
-
 def _discard(ctx: NodeContext, digest: str) -> None:
     """Remove an object file that no index row references (after a refusal or a replacement).
 
@@ -708,9 +694,3 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
