@@ -21,9 +21,56 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         for key, reason in exc.problems:
             print(f"  {key}: {reason}", file=sys.stderr)
         return EXIT_INVALID
+    # The files the configuration names must also load (TLS certificates and keys): checked here
+    # rather than in load_config, which every command runs, whoever runs it.
+    from node import tls
+
+    problems = tls.validate(cfg)
+    if problems:
+        print(f"{len(problems)} configuration error(s) in {cfg.source or 'embedded defaults'}:", file=sys.stderr)
+        for key, reason in problems:
+            print(f"  {key}: {reason}", file=sys.stderr)
+        return EXIT_INVALID
+    for key, reason in _warnings(cfg):
+        print(f"warning: {key}: {reason}", file=sys.stderr)
     source = cfg.source or "embedded defaults"
-    print(f"configuration OK ({source}): AE {cfg.node.ae_title} on {cfg.node.bind}:{cfg.node.port}, "
-          f"data {cfg.data_dir}, {len(cfg.peers)} peer(s)")
+    listening = ", ".join(f"{x.address[0]}:{x.address[1]} ({x.scheme})" for x in tls.listeners(cfg))
+    print(f"configuration OK ({source}): AE {cfg.node.ae_title} on {listening}, "
+          f"data {cfg.data_dir}, {len(cfg.peers)} peer(s), {len(cfg.users)} user(s)")
+    return EXIT_OK
+
+
+def _warnings(cfg: Any) -> list[tuple[str, str]]:
+    """Valid but probably not meant: said, not refused."""
+    out: list[tuple[str, str]] = []
+    plain = not cfg.tls.enabled or cfg.tls.port
+    if cfg.users and plain:
+        out.append(("users", "passcodes travel in clear on the plain port; enable [tls] (port = 0 for TLS only)"))
+    if cfg.metrics.enabled and cfg.metrics.bind not in ("127.0.0.1", "::1"):
+        out.append(("metrics.bind", f"{cfg.metrics.bind} exposes unauthenticated metrics beyond this host"))
+    if not cfg.node.allow_list and cfg.node.bind not in ("127.0.0.1", "::1"):
+        out.append(("node.allow_list", "off: any caller that reaches the port gets security.default_permissions"))
+    return out
+
+
+def cmd_hash_passcode(args: argparse.Namespace) -> int:
+    """Print a [[users]] passcode_hash. The passcode comes from the terminal or stdin, never argv
+    (argv is visible to every user in ps and lands in shell history)."""
+    import getpass
+
+    from node.identity import DEFAULT_ITERATIONS, hash_passcode
+
+    if sys.stdin.isatty():
+        passcode = getpass.getpass("passcode: ")
+        if getpass.getpass("again: ") != passcode:
+            print("modelnode: the two passcodes differ", file=sys.stderr)
+            return EXIT_INVALID
+    else:
+        passcode = sys.stdin.readline().rstrip("\r\n")
+    if not passcode:
+        print("modelnode: empty passcode", file=sys.stderr)
+        return EXIT_INVALID
+    print(hash_passcode(passcode, iterations=args.iterations or DEFAULT_ITERATIONS))
     return EXIT_OK
 
 
@@ -62,12 +109,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     if usage:
         report["disk"] = {"total_gb": round(usage.total / 1e9, 2), "free_gb": round(usage.free / 1e9, 2),
                           "used_percent": round(100 * (usage.total - usage.free) / usage.total, 1)}
+        report["disk"].update(_disk_guard(cfg))
+    report.update(_live(cfg))
+    report["last_rejections"] = _last_rejections(cfg)
     try:
         from node import scu
 
         host = "127.0.0.1" if cfg.node.bind in ("0.0.0.0", "::") else cfg.node.bind
-        options = scu.Options(calling_ae="MODELNODE-STATUS"[:16], retry=scu.NO_RETRY, connect_timeout=3)
-        scu.echo(scu.Address(cfg.node.ae_title, host, cfg.node.port), options)
+        if cfg.tls.enabled and not cfg.tls.port:
+            _echo_tls(cfg, host)  # the node's only port speaks TLS
+        else:
+            options = scu.Options(calling_ae="MODELNODE-STATUS"[:16], retry=scu.NO_RETRY, connect_timeout=3)
+            scu.echo(scu.Address(cfg.node.ae_title, host, cfg.node.port), options)
         report["node_echo"] = f"answering on {host}:{cfg.node.port}"
     except Exception as exc:  # no running node is a fact to report, not a crash
         report["node_echo"] = f"not answering: {exc}"
@@ -82,6 +135,94 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if report.get("database", {}).get("ok") else 1
 
 
+def _echo_tls(cfg: Any, host: str) -> None:
+    """C-ECHO the local node over TLS. It is our own node on this host: its certificate is
+    trusted as is (no name check: we call it by address), and ours is presented when readable."""
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from node import tls
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = tls.MINIMUM_VERSION
+    ctx.check_hostname = False
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.load_verify_locations(cfg.tls.certificate)
+    if cfg.tls.ca_certificates:
+        ctx.load_verify_locations(cfg.tls.ca_certificates)
+    try:
+        ctx.load_cert_chain(cfg.tls.certificate, cfg.tls.private_key)
+    except OSError:
+        pass  # not readable by this user: fine unless the node requires client certificates
+    ae = AE("MODELNODE-STATUS")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    ae.connection_timeout = 3
+    assoc = ae.associate(host, cfg.node.port, ae_title=cfg.node.ae_title, tls_args=(ctx, None))
+    if not assoc.is_established:
+        raise ConnectionError("no TLS association (refused, rejected or the handshake failed)")
+    try:
+        status = assoc.send_c_echo()
+        if not status or status.Status != 0:
+            raise ConnectionError("C-ECHO failed")
+    finally:
+        assoc.release()
+
+
+def _disk_guard(cfg: Any) -> dict[str, Any]:
+    from node.diskguard import DiskGuard
+
+    try:
+        state = DiskGuard.from_config(cfg).state()
+    except (OSError, ValueError) as exc:
+        return {"guard": f"unavailable: {exc}"}
+    return {"high_water_percent": cfg.storage.high_water_percent, "low_water_percent": cfg.storage.low_water_percent,
+            "accepting_store": bool(state["accepting"])}
+
+
+def _live(cfg: Any) -> dict[str, Any]:
+    """What only the running node knows (associations, refusals), from its metrics endpoint."""
+    if not cfg.metrics.enabled:
+        return {"associations": "unknown: [metrics] enabled = false"}
+    from node import metrics
+
+    host = "127.0.0.1" if cfg.metrics.bind in ("0.0.0.0", "::") else cfg.metrics.bind
+    host = f"[{host}]" if ":" in host else host
+    try:
+        samples = metrics.scrape(f"http://{host}:{cfg.metrics.port}/metrics")
+    except Exception as exc:  # the node may be down: that is the answer, not a crash
+        return {"associations": f"unknown: metrics endpoint not answering ({exc})"}
+
+    def by(name: str, label: str) -> dict[str, float]:
+        return {labels.get(label, ""): value for labels, value in samples.get(name, [])}
+
+    def one(name: str) -> float | None:
+        values = samples.get(name)
+        return values[0][1] if values else None
+
+    return {
+        "associations": {"active": one("modelnode_associations_active"), **by("modelnode_associations_total", "result")},
+        "received": {**by("modelnode_instances_received_total", "kind"), "bytes": one("modelnode_bytes_received_total")},
+        "store_refused": {k: v for k, v in by("modelnode_store_refused_total", "reason").items() if v},
+        "store_accepting": one("modelnode_store_accepting"),
+    }
+
+
+def _last_rejections(cfg: Any, n: int = 5) -> list[dict[str, Any]]:
+    from node import audit
+
+    if not cfg.audit.enabled:
+        return []
+    try:
+        events = audit.tail(cfg.audit_path, n, {audit.ASSOCIATION_REJECTED, audit.IDENTITY_REJECTED})
+    except OSError as exc:
+        return [{"error": f"cannot read {cfg.audit_path}: {exc}"}]
+    keys = ("ts", "event", "calling_ae", "address", "user", "reason")
+    return [{k: e[k] for k in keys if k in e} for e in events]
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("config", help="check the configuration file",
                        description="Validate a configuration file; every error is shown with its key and reason.")
@@ -90,6 +231,9 @@ def register(sub: Any) -> None:
     sp = csub.add_parser("check", help="validate FILE (default: --config, $MODELNODE_CONFIG or the defaults)")
     sp.add_argument("file", nargs="?", metavar="FILE")
     sp.set_defaults(func=cmd_config_check)
+    sp = csub.add_parser("hash-passcode", help="print a [[users]] passcode_hash for a passcode read from the terminal or stdin")
+    sp.add_argument("--iterations", type=int, default=0, help="PBKDF2 iterations (default 600000)")
+    sp.set_defaults(func=cmd_hash_passcode)
     sp = sub.add_parser("status", help="health: database, queue depth, last errors, disk, and whether the node answers",
                         description="Show the node's state from its database and data directory, and C-ECHO the node.")
     sp.add_argument("--json", action="store_true")
