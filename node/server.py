@@ -18,7 +18,6 @@ Services (see docs/dimse.md for the conformance statement):
 from __future__ import annotations
 
 import importlib
-import ipaddress
 import itertools
 import logging
 import os
@@ -52,7 +51,7 @@ from pynetdicom.transport import AssociationSocket
 from node import store as store_handler
 from node import systemd
 from node.app import App, open_app
-from node.config import Config, Peer
+from node.config import Config, ConfigError
 from node.context import NodeContext
 from node.db import _redact
 
@@ -254,18 +253,6 @@ def _peer_desc(assoc: Any) -> str:
     return f"{calling.strip()}@{rq.address}:{rq.port}"
 
 
-def _host_matches(peer: Peer, address: str) -> bool:
-    """A peer's host restricts callers only when it is an IP address (names are not resolved)."""
-    try:
-        wanted = ipaddress.ip_address(peer.host)
-    except ValueError:
-        return True
-    try:
-        return ipaddress.ip_address(address) == wanted
-    except ValueError:
-        return False
-
-
 def _prefer_requestor_syntaxes(assoc: Any) -> None:
     """Let the requestor's order of transfer syntaxes decide, not ours.
 
@@ -296,6 +283,12 @@ class Node:
         self.app = app or open_app(config)
         self.ctx = NodeContext(self.app)
         self.ae = self._build_ae()
+        from node.permissions import Security
+
+        # Allow-list, user identity, per-peer permissions, disk guard, audit and metrics hooks.
+        self.security = Security(config)
+        self._servers: list[Any] = []
+        self._metrics: Any = None
         self._server: Any = None
         self._stopped = threading.Event()
         self.pipeline: Any = None
@@ -350,31 +343,9 @@ class Node:
 
     def _on_requested(self, event: evt.Event) -> None:
         """Before negotiation: the allow-list, then the requestor's transfer syntax preference."""
-        assoc = event.assoc
-        if self.config.node.allow_list and not self._allowed(assoc):
-            return
-        _prefer_requestor_syntaxes(assoc)
-
-    def _allowed(self, assoc: Any) -> bool:
-        """Reject a caller the allow-list does not know (A-ASSOCIATE-RJ, permanent, calling AE)."""
-        calling = (assoc.requestor.primitive.calling_ae_title or "").strip()
-        address = assoc.requestor.address
-        peer = self.config.peer(calling)
-        if peer is None:
-            reason = f"calling AE {calling!r} is not a known peer"
-        elif not _host_matches(peer, address):
-            reason = f"calling AE {calling!r} is known at {peer.host}, not {address}"
-        else:
-            return True
-        log.warning("[%s] rejecting association from %s:%s: %s (allow-list is on)",
-                    assoc_id(assoc), address, assoc.requestor.port, reason)
-        # rejected-permanent, service-user, calling-AE-title-not-recognized (PS3.8 9.3.4).
-        # Then as pynetdicom's own rejections do: wait until the peer has the A-ASSOCIATE-RJ and
-        # closes (or the ARTIM timer fires) before the socket is shut.
-        assoc.acse.send_reject(0x01, 0x01, 0x03)
-        evt.trigger(assoc, evt.EVT_REJECTED, {})
-        assoc.kill()
-        return False
+        # Security.wrap runs the allow-list and permission checks first and calls this only for
+        # an association it lets through.
+        _prefer_requestor_syntaxes(event.assoc)
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -406,8 +377,19 @@ class Node:
         """Listen on the configured address; with ``block`` serve until :meth:`stop`."""
         n = self.config.node
         store_handler.prepare(self.ctx)
-        self._server = self.ae.start_server((n.bind, n.port), block=False, evt_handlers=self.handlers())
-        log.info("listening as %s on %s:%d", n.ae_title, n.bind, self.port)
+        from node import metrics, tls
+
+        handlers = self.security.wrap(self.handlers())
+        for listener in tls.listeners(self.config):
+            self._servers.append(self.ae.start_server(listener.address, block=False, ssl_context=listener.ssl_context,
+                                                      evt_handlers=handlers))
+            log.info("listening as %s on %s:%d (%s)", n.ae_title, listener.address[0],
+                     self._servers[-1].server_address[1], listener.scheme)
+        self._server = self._servers[0]
+        metrics.set_state_sources(database=True, associations=lambda: len(self.ae.active_associations),
+                                  disk=self.security.diskguard.state)
+        if self.config.metrics.enabled:
+            self._metrics = metrics.start_metrics_server(self.config.metrics.port, self.config.metrics.bind)
         if self.config.pipeline.enabled:
             from node.pipeline import Pipeline
 
@@ -436,12 +418,34 @@ class Node:
         systemd.notify("STOPPING=1")
         if self._watchdog is not None:
             self._watchdog.stop()
+        for server in self._servers:
+            server.shutdown()  # the listening sockets close: new callers are refused
+        self._drain(self.config.node.shutdown_timeout)
         self.ae.shutdown()
         if self.pipeline is not None:
             # A job cut short here stays 'running' in the database and is requeued at start.
             self.pipeline.stop(timeout=10)
+        if self._metrics is not None:
+            self._metrics.stop()
+        self.security.close()
         self.app.close()
         log.info("stopped")
+
+
+    def _drain(self, timeout: float) -> None:
+        """Let associations in progress finish for up to ``timeout`` seconds."""
+        def busy() -> list[Any]:
+            # Established or negotiating; a port probe that never sent A-ASSOCIATE-RQ would
+            # otherwise hold the stop for the whole ACSE timeout.
+            return [a for a in self.ae.active_associations if a.is_established or a.requestor.primitive is not None]
+
+        deadline = time.monotonic() + timeout
+        if busy():
+            log.info("draining: %d association(s) in progress, waiting up to %.0f s", len(busy()), timeout)
+        while busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if busy():
+            log.warning("shutdown timeout: aborting %d association(s)", len(busy()))
 
 
 def serve(config: Config) -> int:
@@ -455,6 +459,11 @@ def serve(config: Config) -> int:
     # Process-wide, so set here, in the node's own process only.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    from node import tls
+
+    problems = tls.validate(config)
+    if problems:
+        raise ConfigError(problems, config.source)
     node = Node(config)
     print(
         f"modelnode: serving {config.node.ae_title} on {config.node.bind}:{config.node.port} "

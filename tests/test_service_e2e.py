@@ -10,8 +10,7 @@
   storing resumes once space returns.
 * The metrics endpoint, ``modelnode status`` and ``modelnode config check`` of a running node.
 
-The process is ``tests/service_harness.py`` (node.server.Node with the issue 7 modules wired the
-way serve() is to wire them); change ``SERVE`` to run ``modelnode serve`` once it does.
+The process is the real ``modelnode serve`` (``tests/service_harness.py``), stopped by its pid.
 """
 
 from __future__ import annotations

@@ -20,14 +20,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _revalidate(cfg)
         except ConfigError as exc:
             raise CliError(str(exc), EXIT_INVALID) from exc
-    level = cfg.logging.level.upper()
-    if args.verbose == 0 and not args.quiet:
-        logging.getLogger().setLevel(getattr(logging, level, logging.INFO))
+    from node import logsetup
+
+    logsetup.configure_logging(cfg.logging, json=getattr(args, "log_json", None))
+    if args.verbose or args.quiet:
+        logging.getLogger().setLevel(logging.ERROR if args.quiet else logging.DEBUG if args.verbose > 1 else logging.INFO)
 
     from node.server import serve  # late: pynetdicom is only needed by this command
 
     try:
         return serve(cfg)
+    except ConfigError as exc:  # TLS files that do not load, keys that do not match
+        raise CliError(str(exc), EXIT_INVALID) from exc
     except OSError as exc:
         raise CliError(f"cannot listen on {cfg.node.bind}:{cfg.node.port}: {exc.strerror or exc}") from exc
 
@@ -35,15 +39,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _revalidate(cfg) -> None:
     import dataclasses
 
-    data = {
-        "node": dataclasses.asdict(cfg.node),
-        "storage": dataclasses.asdict(cfg.storage),
-        "database": dataclasses.asdict(cfg.database),
-        "models": dataclasses.asdict(cfg.models),
-        "anatomy": dataclasses.asdict(cfg.anatomy),
-        "logging": dataclasses.asdict(cfg.logging),
-        "peers": [dataclasses.asdict(p) for p in cfg.peers],
-    }
+    # Every section, as the file would have given it: an override is checked with the rest.
+    data = {f.name: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else [dataclasses.asdict(i) for i in v])
+            for f in dataclasses.fields(cfg) if f.name != "source" for v in [getattr(cfg, f.name)]}
     parse_config(data, cfg.source)
 
 
@@ -57,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="TCP port (overrides [node] port)")
     p.add_argument("--bind", metavar="ADDR", help="address to listen on (overrides [node] bind)")
     p.add_argument("--ae-title", metavar="AET", help="our AE title (overrides [node] ae_title)")
+    p.add_argument("--log-json", action="store_true", default=None, help="JSON log lines (overrides [logging] format)")
     # `modelnode serve --config FILE` reads as naturally as `modelnode --config FILE serve`.
     p.add_argument("--config", "-c", dest="serve_config", metavar="FILE", help=argparse.SUPPRESS)
     p.set_defaults(func=_dispatch, log_level_floor=logging.INFO)
