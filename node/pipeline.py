@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -29,7 +30,8 @@ from iods import model_object
 from iods.anatomy import AnatomyNormaliser
 from iods.card import ModelCard
 from models.image_check import image_anatomy
-from node import index, jobs, outbox
+from node import audit as audit_events
+from node import index, jobs, logsetup, metrics, outbox
 from node.context import NodeContext
 from node.db import write_transaction
 from node.selection import Selection, SeriesFacts, select
@@ -46,8 +48,10 @@ class SeriesResult:
 
 
 class Pipeline:
-    def __init__(self, ctx: NodeContext, *, sender: Callable[[str, Dataset | str], int] | None = None) -> None:
+    def __init__(self, ctx: NodeContext, *, sender: Callable[[str, Dataset | str], int] | None = None,
+                 audit: Any = None) -> None:
         from models.runtime import RuntimeSettings, SessionCache
+        from node.audit import AuditLog
 
         self.ctx = ctx
         cfg = ctx.config
@@ -59,6 +63,8 @@ class Pipeline:
         ))
         self.normaliser = AnatomyNormaliser(extra_synonyms=cfg.anatomy.synonyms)
         self._send = sender or self._c_store
+        # Selections and exports are audited (docs/operations.md); the node shares its log.
+        self.audit = audit if audit is not None else AuditLog.from_config(cfg)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._wake = threading.Event()
@@ -124,6 +130,11 @@ class Pipeline:
     # ------------------------------------------------------------------ one job
 
     def run_job(self, job: jobs.Job) -> None:
+        # Every log line of this job carries its correlation id (j<id>).
+        with logsetup.correlation(f"j{job.id}"):
+            self._run_job(job)
+
+    def _run_job(self, job: jobs.Job) -> None:
         t_start = time.perf_counter()
         try:
             series_rows = self._series_of(job)
@@ -191,6 +202,9 @@ class Pipeline:
                                           image_anatomy=seen)
         sel = select(facts, models, self.ctx.config.selection, normaliser=self.normaliser)
         timings["select"] = time.perf_counter() - t
+        metrics.SELECTIONS.labels("model" if sel.best else "no_model").inc()
+        self.audit.record(audit_events.SELECTION, job=job.id, series_uid=series.series_uid,
+                          model_uid=sel.best.uid if sel.best else "", outcome="model" if sel.best else "no-suitable-model")
         log.info("job %d: selection for series %s (%s, %d instance(s)):\n%s", job.id,
                  jobs._short(series.series_uid), series.modality, len(datasets), sel.explain())
         if sel.best is None:
@@ -209,6 +223,7 @@ class Pipeline:
         result_ds, infer_timings = infer(datasets, card, record.uid, loaded, batch_size=self.ctx.config.inference.batch_size)
         timings.update(infer_timings)
         timings["inference_total"] = time.perf_counter() - t
+        metrics.INFERENCE_SECONDS.observe(timings["inference_total"])
         t = time.perf_counter()
         uid = self._store_result(result_ds)
         timings["store_result"] = time.perf_counter() - t
@@ -273,6 +288,7 @@ class Pipeline:
         sent = 0
         for item in outbox.due():
             path = self.ctx.app.store.path(item.digest)
+            t_send = time.perf_counter()
             try:
                 status = self._send(item.destination, str(path))
             except Exception as exc:  # connection refused, association rejected, aborts
@@ -283,6 +299,9 @@ class Pipeline:
                 if status is not None and (status == 0 or 0xB000 <= status <= 0xB007):
                     outbox.mark_sent(item.id)
                     sent += 1
+                    metrics.EXPORT_SECONDS.observe(time.perf_counter() - t_send)
+                    self.audit.record(audit_events.RESULT_EXPORTED, job=item.job_id, sop_instance_uid=item.sop_uid,
+                                      destination=item.destination, outcome="sent")
                     log.info("exported %s to %s (status 0x%04X)", item.sop_uid, item.destination, status)
                     if item.job_id and outbox.job_fully_sent(item.job_id):
                         jobs.transition(item.job_id, "exported")

@@ -393,7 +393,7 @@ class Node:
         if self.config.pipeline.enabled:
             from node.pipeline import Pipeline
 
-            self.pipeline = Pipeline(self.ctx)
+            self.pipeline = Pipeline(self.ctx, audit=self.security.audit)
             self.pipeline.start()
         # The port is bound and the database open: tell systemd (no-op outside it).
         systemd.notify(f"READY=1\nSTATUS=serving {n.ae_title} on {n.bind}:{self.port}")

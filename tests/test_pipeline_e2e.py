@@ -104,6 +104,10 @@ def test_ct_study_to_seg_in_orthanc_and_radiograph_to_sr(tmp_path):
             assert set(by_model) == {"modelnode-lung-unet", "modelnode-bodypart-cnn"}
             assert all(j["selection"] and j["selection"][0]["ranked"] for j in jobs)
             assert "selection for series" in node.log()
+            audit = [json.loads(line) for line in (node.data_dir / "audit.jsonl").read_text().splitlines()]
+            events = [a["event"] for a in audit]
+            assert events.count("selection") == 2 and events.count("result-exported") == 2, events
+            assert {a["model_uid"] for a in audit if a["event"] == "selection"} == {j["model_uid"] for j in jobs}
 
     # The SEG: valid, readable, on the source geometry, and right.
     assert _dciodvfy_errors(seg_path) == []

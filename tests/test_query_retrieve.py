@@ -338,10 +338,17 @@ def test_find_refuses_unsupported_levels_and_keeps_serving(env: Env) -> None:
 
 @pytest.mark.timeout(60)
 def test_find_honours_c_cancel(env: Env) -> None:
-    rsp, log = findscu(env, "QueryRetrieveLevel=IMAGE", f"SeriesInstanceUID={env.bulk_series}", "SOPInstanceUID",
-                       extra=("--cancel", "1"))
-    assert "Cancel" in log, log[-2000:]
-    assert 1 <= len(rsp) < 3000
+    # The C-CANCEL races the responses already in flight: on a loaded machine the node may have
+    # sent all 3000 before it arrives, so one of three attempts must be cut short.
+    counts = []
+    for _ in range(3):
+        rsp, log = findscu(env, "QueryRetrieveLevel=IMAGE", f"SeriesInstanceUID={env.bulk_series}", "SOPInstanceUID",
+                           extra=("--cancel", "1"))
+        assert "Cancel" in log, log[-2000:]
+        counts.append(len(rsp))
+        if len(rsp) < 3000:
+            break
+    assert 1 <= counts[-1] < 3000, counts
     assert "cancelled after" in env.node.log()
     # Without the cancel, all 3000 come back.
     rsp, _ = findscu(env, "QueryRetrieveLevel=IMAGE", f"SeriesInstanceUID={env.bulk_series}", "InstanceNumber")
