@@ -132,3 +132,17 @@ def run(cmd: list[str], timeout: float = 60, check: bool = True, **kw) -> subpro
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}")
     return res
+
+
+@contextmanager
+def tmpfs(mountpoint: Path, size_mb: int) -> Iterator[Path]:
+    """A small tmpfs at ``mountpoint`` for disk-full tests; skips the test where mounting needs root."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mountpoint)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)

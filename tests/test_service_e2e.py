@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 from certs import Pki, make_pki
 from node_proc import MODELNODE, REPO, write_config
-from peers import free_port, require, run, wait_port
+from peers import free_port, require, run, tmpfs, wait_port
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -315,17 +315,10 @@ def test_sigterm_past_the_shutdown_timeout_aborts_cleanly(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
     # 32 MiB, not 8: node.store preallocates SQLite's WAL at start, which takes about 8 MiB
     # (4 MiB of WAL, checkpointed into the database file as free pages).
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", 32) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def used_percent(path: Path) -> float:
