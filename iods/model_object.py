@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -650,14 +648,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def copy_stream(src: BinaryIO, dst: BinaryIO) -> None:
-    shutil.copyfileobj(src, dst, _CHUNK)
-
-
-def to_bytes(ds: Dataset) -> bytes:
-    """Serialise a model object in Explicit VR Little Endian (for tests and small models)."""
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True, implicit_vr=False, little_endian=True)
-    return buf.getvalue()

@@ -83,6 +83,7 @@ class NodeProcess:
         storage: dict[str, Any] | None = None,
         extra: dict[str, dict[str, Any]] | None = None,
         env: dict[str, str] | None = None,
+        data_dir: Path | None = None,
         timeout: float = 30.0,
     ) -> NodeProcess:
         """Write a configuration into ``workdir`` and start the node; returns once it listens.
@@ -93,7 +94,7 @@ class NodeProcess:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
-        data_dir = workdir / "data"
+        data_dir = data_dir or workdir / "data"
         sections: dict[str, dict[str, Any]] = {
             "node": {"ae_title": ae_title, "bind": "127.0.0.1", "port": port, **(node or {})},
             "storage": {"data_dir": str(data_dir), **(storage or {})},
@@ -171,11 +172,11 @@ class NodeProcess:
 
         return open_app(load_config(self.config_path))
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess:
         """Run ``modelnode --config <this node's file> ARGS`` and return the completed process."""
         return subprocess.run(
             [*MODELNODE, "--config", str(self.config_path), *args],
-            capture_output=True, text=True, timeout=timeout, cwd=REPO,
+            capture_output=True, text=True, timeout=timeout, cwd=REPO, input=stdin,
             env={k: v for k, v in os.environ.items() if k not in ("MODELNODE_CONFIG", "MODELNODE_DATA_DIR")},
         )
 

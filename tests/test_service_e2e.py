@@ -10,7 +10,7 @@
   storing resumes once space returns.
 * The metrics endpoint, ``modelnode status`` and ``modelnode config check`` of a running node.
 
-The process is the real ``modelnode serve`` (``tests/service_harness.py``), stopped by its pid.
+The process is the real ``modelnode serve`` (tests/node_proc.py), stopped by its pid.
 """
 
 from __future__ import annotations
@@ -26,19 +26,16 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 from certs import Pki, make_pki
-from node_proc import MODELNODE, REPO, write_config
-from peers import free_port, require, run, tmpfs, wait_port
+from node_proc import MODELNODE, REPO, NodeProcess
+from peers import free_port, require, run, tmpfs
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from service_harness import SERVE
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
@@ -46,33 +43,11 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 # --------------------------------------------------------------------------- the process
 
 
-@dataclass
-class Service:
-    workdir: Path
-    config_path: Path
-    port: int
-    data_dir: Path
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "node.log"
+class Service(NodeProcess):
+    """The node process (tests/node_proc.py) with what these tests read back."""
 
     def spawn(self, timeout: float = 60) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("MODELNODE_CONFIG", "MODELNODE_DATA_DIR")}
-        env.update({"PYTHONUNBUFFERED": "1", **self.env})
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([*SERVE, "--config", str(self.config_path)], stdout=log,
-                                         stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        try:
-            wait_port(self.port, timeout, self.proc)
-        except Exception as exc:
-            self.stop()
-            raise RuntimeError(f"{exc}\n--- node log ---\n{self.log()}") from exc
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        self._spawn(timeout)
 
     def terminate(self) -> None:
         assert self.proc is not None
@@ -82,17 +57,9 @@ class Service:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+    def stop(self, timeout: float = 60.0) -> int | None:
+        # Longer than the default: a stop may wait node.shutdown_timeout for a drain.
+        return super().stop(timeout)
 
     def audit(self, kind: str | None = None) -> list[dict]:
         path = self.data_dir / "audit.jsonl"
@@ -103,29 +70,16 @@ class Service:
         with sqlite3.connect(self.data_dir / "modelnode.db") as db:
             return {r[0] for r in db.execute("SELECT sop_uid FROM instance")}
 
-    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if k not in ("MODELNODE_CONFIG", "MODELNODE_DATA_DIR")}
-        return subprocess.run([*MODELNODE, "--config", str(self.config_path), *args], capture_output=True,
-                              text=True, timeout=120, cwd=REPO, env=env, input=stdin)
-
 
 @contextmanager
 def service(workdir: Path, *, node: dict | None = None, storage: dict | None = None, peers: list[dict] | None = None,
             extra: dict[str, dict] | None = None, env: dict[str, str] | None = None,
             data_dir: Path | None = None) -> Iterator[Service]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    data_dir = data_dir or workdir / "data"
-    sections: dict[str, dict[str, Any]] = {
-        "node": {"ae_title": "MODELNODE", "bind": "127.0.0.1", "port": port, **(node or {})},
-        "storage": {"data_dir": str(data_dir), **(storage or {})},
-        "pipeline": {"enabled": False},
-    }
+    sections = {"pipeline": {"enabled": False}}
     for name, body in (extra or {}).items():
         sections.setdefault(name, {}).update(body)
-    cfg = write_config(workdir / "modelnode.toml", sections, peers or [])
-    svc = Service(workdir, cfg, port, data_dir, dict(env or {}))
-    svc.spawn()
+    svc = Service.start(workdir, node=node, storage=storage, peers=peers, extra=sections, env=env,
+                        data_dir=data_dir, timeout=60)
     try:
         yield svc
     finally:
