@@ -130,6 +130,19 @@ def promote_ready(quiet_seconds: float, now: _dt.datetime | None = None) -> list
     return jobs
 
 
+def seconds_until_ready(quiet_seconds: float, now: _dt.datetime | None = None) -> float | None:
+    """When the next group with no open association becomes ready (0 if one already is);
+    None when nothing is waiting for its quiet time to pass."""
+    first = (Arrival.select(peewee.fn.MIN(Arrival.last_received))
+             .where(Arrival.open_associations <= 0).scalar())
+    if first is None:
+        return None
+    if isinstance(first, str):  # SQLite returns the aggregate as text
+        first = _dt.datetime.fromisoformat(first)
+    now = now or _now()
+    return max(0.0, (first - now).total_seconds() + quiet_seconds)
+
+
 def reset_after_restart(max_attempts: int) -> tuple[int, int]:
     """Requeue jobs a killed node left mid-way; returns (requeued, given up)."""
     db = database_proxy.obj

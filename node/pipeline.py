@@ -67,12 +67,19 @@ class Pipeline:
         self.audit = audit if audit is not None else AuditLog.from_config(cfg)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # workers: a job is pending
+        self._reschedule = threading.Event()  # scheduler: a series' association ended
+        self._export_now = threading.Event()  # exporter: results were queued
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        from iods.results import warm_up
+
         cfg = self.ctx.config.pipeline
+        # highdicom's tables of the standard load on first use (about 0.35 s): now, not in the
+        # first study's latency.
+        warm_up()
         requeued, _ = jobs.reset_after_restart(cfg.max_attempts)
         targets = [("scheduler", self._scheduler_loop), ("exporter", self._exporter_loop)]
         targets += [(f"worker-{i + 1}", self._worker_loop) for i in range(cfg.workers)]
@@ -86,6 +93,8 @@ class Pipeline:
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         self._wake.set()
+        self._reschedule.set()
+        self._export_now.set()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
@@ -93,19 +102,32 @@ class Pipeline:
     def wake(self) -> None:
         self._wake.set()
 
+    def association_ended(self) -> None:
+        """An association that stored images ended: its series' quiet time may now be running."""
+        self._reschedule.set()
+
     # ------------------------------------------------------------------ loops
 
     def _scheduler_loop(self) -> None:
+        # Sleeps until the earliest waiting series has been quiet long enough (or an association
+        # ends, which may start a series' quiet time), so a job starts on the quiet timer rather
+        # than on the next poll; poll_seconds bounds the sleep in case the database changed under
+        # us (another process, a clock step).
         cfg = self.ctx.config.pipeline
         while not self._stop.is_set():
+            delay = cfg.poll_seconds
             try:
                 with self.ctx.write_lock:
                     created = jobs.promote_ready(cfg.quiet_seconds)
                 if created:
                     self._wake.set()
+                due = jobs.seconds_until_ready(cfg.quiet_seconds)
+                if due is not None:
+                    delay = min(delay, due + 0.005)  # (+5 ms: past the cutoff, not a hair before it)
             except Exception:
                 log.exception("scheduler error (will retry)")
-            self._stop.wait(cfg.poll_seconds)
+            self._reschedule.wait(delay)
+            self._reschedule.clear()
 
     def _worker_loop(self) -> None:
         cfg = self.ctx.config.pipeline
@@ -119,13 +141,15 @@ class Pipeline:
             self.run_job(job)
 
     def _exporter_loop(self) -> None:
+        # Woken as soon as a worker queues results; the poll picks up retries whose backoff ran out.
         ex = self.ctx.config.export
         while not self._stop.is_set():
             try:
                 self.export_due()
             except Exception:
                 log.exception("exporter error (will retry)")
-            self._stop.wait(ex.poll_seconds)
+            self._export_now.wait(ex.poll_seconds)
+            self._export_now.clear()
 
     # ------------------------------------------------------------------ one job
 
@@ -156,6 +180,8 @@ class Pipeline:
                 jobs.transition(job.id, "done", outcome=outcome, results=json.dumps(made),
                                 selection=json.dumps(selection), timings=json.dumps(timings))
                 queued = self._enqueue_exports(job, results) if made else 0
+            if queued:
+                self._export_now.set()
             if not made:
                 reasons = "; ".join(f"{rej.name}: {', '.join(rej.reasons)}" for r in results for rej in r.selection.rejected)
                 log.warning("job %d: no suitable model for %s %s (%s)", job.id, job.group_by,

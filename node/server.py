@@ -358,14 +358,19 @@ class Node:
 
     def _on_aborted(self, event: evt.Event) -> None:
         assoc = event.assoc
-        store_handler.association_ended(self.ctx, assoc)
+        self._association_ended(assoc)
         # A connection that never sent an A-ASSOCIATE-RQ (a port probe) is not worth an INFO line.
         level = logging.INFO if assoc.requestor.primitive is not None else logging.DEBUG
         log.log(level, "[%s] association aborted with %s", assoc_id(assoc), _peer_desc(assoc))
 
     def _on_released(self, event: evt.Event) -> None:
-        store_handler.association_ended(self.ctx, event.assoc)
+        self._association_ended(event.assoc)
         log.info("[%s] association released by %s", assoc_id(event.assoc), _peer_desc(event.assoc))
+
+    def _association_ended(self, assoc: Any) -> None:
+        store_handler.association_ended(self.ctx, assoc)
+        if self.pipeline is not None:
+            self.pipeline.association_ended()
 
     def _on_echo(self, event: evt.Event) -> int:
         log.debug("[%s] C-ECHO from %s", assoc_id(event.assoc), _peer_desc(event.assoc))

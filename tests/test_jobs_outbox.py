@@ -30,6 +30,20 @@ def test_series_is_ready_only_after_quiet_time_and_association_end(app):
     assert jobs.Arrival.select().count() == 0
 
 
+def test_scheduler_knows_when_the_next_series_is_due(app):
+    assert jobs.seconds_until_ready(5) is None, "nothing waiting"
+    arrive("1.2.3")
+    assert jobs.seconds_until_ready(5) is None, "its association is still open"
+    jobs.association_ended({"1.2.3"})
+    last = jobs.Arrival.get(jobs.Arrival.group_key == "1.2.3").last_received
+    assert jobs.seconds_until_ready(5, now=last + dt.timedelta(seconds=1)) == pytest.approx(4.0, abs=1e-3)
+    assert jobs.seconds_until_ready(5, now=last + dt.timedelta(seconds=9)) == 0.0
+    arrive("1.2.4")
+    jobs.association_ended({"1.2.4"})
+    # The earliest quiet series counts.
+    assert jobs.seconds_until_ready(5, now=last + dt.timedelta(seconds=2)) == pytest.approx(3.0, abs=1e-3)
+
+
 def test_late_instance_makes_a_new_job(app):
     arrive()
     jobs.association_ended({"1.2.3"})

@@ -623,3 +623,28 @@ def test_bad_probabilities_are_refused(cls_card, seg_card):
             build_classification_sr([dx], probs, cls_card, MODEL_UID)
     with pytest.raises(ResultError):
         build_classification_sr([dx], [1.0, 0.0], seg_card, MODEL_UID)
+
+
+@pytest.mark.timeout(60)
+def test_fast_overlap_check_agrees_with_highdicom(seg_card):
+    """iods.results replaces highdicom's SegmentsOverlap check for stacked boolean masks; it must
+    give highdicom's answer, and highdicom must still call it by that name."""
+    from iods.results import _Segmentation
+
+    assert "_check_and_cast_pixel_array" in vars(hd.seg.Segmentation), "highdicom renamed its pixel check"
+    numbers = np.array([1, 2])
+    binary = hd.seg.SegmentationTypeValues.BINARY
+    disjoint = np.zeros((3, 16, 16, 2), bool)
+    disjoint[0, :4, :4, 0] = disjoint[1, 8:, 8:, 1] = True
+    overlapping = disjoint.copy()
+    overlapping[1, 8, 8, 0] = True
+    for masks, expected in ((disjoint, "NO"), (overlapping, "YES"), (np.zeros_like(disjoint), "NO")):
+        ours = _Segmentation._check_and_cast_pixel_array(masks, numbers, binary, np.uint8)
+        theirs = hd.seg.Segmentation._check_and_cast_pixel_array(masks, numbers, binary, np.uint8)
+        assert ours[1] == theirs[1] == hd.seg.SegmentsOverlapValues(expected)
+        assert ours[0].dtype == theirs[0].dtype and np.array_equal(ours[0], theirs[0])
+
+    src = ct_series(n=3, rows=16, cols=16)
+    for masks, expected in ((disjoint, "NO"), (overlapping, "YES")):
+        seg = build_segmentation(src, masks, seg_card, MODEL_UID, content_datetime=WHEN)
+        assert seg.SegmentsOverlap == expected
