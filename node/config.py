@@ -131,6 +131,8 @@ class PipelineSection:
     workers: int = 1
     max_attempts: int = 3
     poll_seconds: float = 0.5
+    # Read and decode a series while its quiet timer runs (node.prefetch); 0 turns it off.
+    prefetch_mb: int = 512
 
 
 @dataclass
@@ -396,6 +398,8 @@ def _check(cfg: Config, problems: list[tuple[str, str]]) -> None:
         problems.append(("pipeline.workers", "must be at least 1"))
     if pl.max_attempts < 1:
         problems.append(("pipeline.max_attempts", "must be at least 1"))
+    if pl.prefetch_mb < 0:
+        problems.append(("pipeline.prefetch_mb", "must be 0 (off) or a size in MiB"))
     inf = cfg.inference
     known = {"CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider",
              "OpenVINOExecutionProvider", "ROCMExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider"}

@@ -39,6 +39,19 @@ from node.selection import Selection, SeriesFacts, select
 log = logging.getLogger("modelnode.pipeline")
 
 
+def _single_threaded_blas() -> None:
+    """numpy's BLAS (resampling in pre- and postprocessing) on one thread, for the whole process.
+
+    ONNX Runtime brings its own thread pool for the model; a second, multi-threaded pool in
+    OpenBLAS only wins on an idle machine (60 slices of 512 x 512 resampled in 0.085 s against
+    0.10 s on one thread, 2 cores) and loses badly when anything else wants a core: its threads
+    wait for each other, and the same call took 0.85 s while the node was receiving a study.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 @dataclass
 class SeriesResult:
     series_uid: str
@@ -63,6 +76,9 @@ class Pipeline:
         ))
         self.normaliser = AnatomyNormaliser(extra_synonyms=cfg.anatomy.synonyms)
         self._send = sender or self._c_store
+        from node.prefetch import Prefetcher
+
+        self.prefetch = Prefetcher(ctx.app.store, cfg.pipeline.prefetch_mb << 20)
         # Selections and exports are audited (docs/operations.md); the node shares its log.
         self.audit = audit if audit is not None else AuditLog.from_config(cfg)
         self._stop = threading.Event()
@@ -80,6 +96,8 @@ class Pipeline:
         # highdicom's tables of the standard load on first use (about 0.35 s): now, not in the
         # first study's latency.
         warm_up()
+        _single_threaded_blas()
+        self.prefetch.start()
         requeued, _ = jobs.reset_after_restart(cfg.max_attempts)
         targets = [("scheduler", self._scheduler_loop), ("exporter", self._exporter_loop)]
         targets += [(f"worker-{i + 1}", self._worker_loop) for i in range(cfg.workers)]
@@ -98,13 +116,16 @@ class Pipeline:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
+        self.prefetch.stop()
 
     def wake(self) -> None:
         self._wake.set()
 
-    def association_ended(self) -> None:
-        """An association that stored images ended: its series' quiet time may now be running."""
+    def association_ended(self, group_keys: set[str]) -> None:
+        """An association that stored images for ``group_keys`` (series or study UIDs) ended:
+        their quiet time may now be running, and their pixels can be decoded meanwhile."""
         self._reschedule.set()
+        self.prefetch.request(group_keys)
 
     # ------------------------------------------------------------------ loops
 
@@ -209,7 +230,8 @@ class Pipeline:
 
     def _load_series(self, series: index.Series) -> list[Dataset]:
         rows = index.Instance.select().where(index.Instance.series == series).order_by(index.Instance.sop_uid)
-        return [pydicom.dcmread(self.ctx.app.store.path(r.digest)) for r in rows]
+        store = self.ctx.app.store
+        return [self.prefetch.take(r.digest) or pydicom.dcmread(store.path(r.digest)) for r in rows]
 
     def _models(self) -> list[tuple[str, ModelCard]]:
         return [(r.uid, r.card) for r in self.ctx.app.registry.all_with_terms()]
