@@ -6,16 +6,24 @@ that PS3.4 counts as stored). A failure schedules the next attempt after an expo
 (``base * 2**attempts``, capped), and a row still unsent after ``max_age`` becomes ``dead``
 with its last error, which ``modelnode jobs show`` and the metrics report. Nothing is retried
 forever and nothing is dropped silently.
+
+How one export attempt calls the peer: :func:`export_options` (one attempt, the node's AE title,
+DICOM TLS when the ``[[peers]]`` entry says ``tls = true``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
+from typing import TYPE_CHECKING
 
 import peewee
 
+from node.config import Config
 from node.db import BaseModel, write_transaction
+
+if TYPE_CHECKING:
+    from node.scu import Options
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +98,13 @@ def backlog() -> dict[str, int]:
     out = dict.fromkeys(OUTBOX_STATES, 0)
     out.update({r.state: r.n for r in rows})
     return out
+
+
+def export_options(cfg: Config, destination: str) -> Options:
+    """The ``node.scu.Options`` for one C-STORE of an export to ``destination`` (a ``[[peers]]``
+    AE title): a single attempt, since the outbox owns retrying with its own backoff and maximum
+    age, and TLS (node.tls) when that peer has ``tls = true``."""
+    from node import scu, tls  # pynetdicom only where something is sent
+
+    return scu.Options(calling_ae=cfg.node.ae_title, retry=scu.NO_RETRY, max_pdu=cfg.node.max_pdu or 262144,
+                       tls=tls.tls_args(cfg, destination))

@@ -365,9 +365,8 @@ class Pipeline:
         peer = self.ctx.config.peer(destination)
         if peer is None:
             raise LookupError(f"export destination {destination!r} is not a configured peer")
-        cfg = self.ctx.config.node
-        # One attempt: the outbox owns retrying, with its own backoff and maximum age.
-        options = scu.Options(calling_ae=cfg.ae_title, retry=scu.NO_RETRY, max_pdu=cfg.max_pdu or 262144)
+        # One attempt, TLS when the peer has tls = true: the outbox owns retrying.
+        options = outbox.export_options(self.ctx.config, peer.ae_title)
         [result] = scu.store([path], scu.Address(peer.ae_title, peer.host, peer.port), options)
         if result.status is None:
             raise RuntimeError(result.error or "no status")

@@ -591,7 +591,10 @@ def parse_identifier(identifier: Dataset, model: str, *, retrieve: bool = False)
         level = "" if level_elem is None or level_elem.value is None else str(level_elem.value).strip().upper()
         elements = [e for e in identifier]
     except Exception as exc:  # pydicom decoding errors come in many types
-        raise QueryError(STATUS_UNABLE_IDENTIFIER, f"identifier cannot be decoded: {exc}") from exc
+        # The message can quote the identifier's values (PHI): DEBUG only, the kind of error above it.
+        log.debug("identifier decode error: %s", exc)
+        raise QueryError(STATUS_UNABLE_IDENTIFIER,
+                         f"identifier cannot be decoded ({type(exc).__name__}; details at debug level)") from exc
     if level_elem is None:
         raise QueryError(STATUS_IDENTIFIER_MISMATCH, "QueryRetrieveLevel (0008,0052) is missing", [QUERY_RETRIEVE_LEVEL])
     if level not in LEVELS:
@@ -883,8 +886,10 @@ def handle_find(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset, Dataset |
         yield exc.status_dataset(), None
         return
     except Exception as exc:
-        log.warning("C-FIND from %s refused: identifier cannot be decoded: %s", peer, exc)
-        yield QueryError(STATUS_UNABLE_IDENTIFIER, f"identifier cannot be decoded: {exc}").status_dataset(), None
+        log.warning("C-FIND from %s refused: identifier cannot be decoded (%s)", peer, type(exc).__name__)
+        log.debug("identifier decode error: %s", exc)
+        yield QueryError(STATUS_UNABLE_IDENTIFIER,
+                         f"identifier cannot be decoded ({type(exc).__name__})").status_dataset(), None
         return
     try:
         matches = run(query)

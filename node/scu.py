@@ -1,7 +1,14 @@
 """The node as a DICOM client: C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET towards one peer.
 
 Used by the ``modelnode echo/store/find/fetch`` commands and by the node itself (C-MOVE and
-C-GET sub-operations go through :func:`send_file`).
+C-GET sub-operations go through :func:`send_file`, the outbox exporter through :func:`store`).
+
+DICOM TLS: ``Options.tls`` (pynetdicom's ``tls_args``, an SSL context and the server name to
+verify; node.tls builds them) makes every association of an operation a TLS one. A failed
+handshake (certificate not trusted, wrong host name, the peer refusing our client certificate or
+wanting one, no TLS on that port) is a permanent :class:`PeerError` that says it was TLS and why:
+pynetdicom 3.0.4 only logs the SSL error and reports an aborted association, so
+:func:`associate` keeps the exception itself (see :class:`_TlsWatch`).
 
 Retries: every operation runs under a :class:`RetryPolicy`. A *transient* failure (no TCP
 connection, association rejected with result "rejected-transient", association aborted or the
@@ -27,6 +34,7 @@ import os
 import random
 import re
 import shutil
+import ssl
 import tempfile
 import threading
 import time
@@ -170,6 +178,9 @@ class Options:
     connect_timeout: float = 10.0
     max_pdu: int = 262144
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # DICOM TLS: (client context, server name to verify; None: the peer's host), as node.tls's
+    # tls_args() or client_context_from() give. None: a plain TCP connection.
+    tls: tuple[ssl.SSLContext, str | None] | None = None
 
 
 def with_retries(operation: Callable[[], T], policy: RetryPolicy, what: str) -> T:
@@ -208,6 +219,112 @@ _REJECT_REASONS = {
 }
 
 
+class _TlsWatch:
+    """Stands in for the SSL context in pynetdicom's ``tls_args`` for one association request and
+    keeps the first error of the TLS layer.
+
+    pynetdicom 3.0.4 catches a failed handshake in ``AssociationSocket.connect`` (and, with TLS
+    1.3, a client certificate the server refuses or misses arrives as an alert on the first read,
+    caught in the DUL reader): it logs, and the caller sees only an aborted association, which
+    reads as transient. The socket's own ``do_handshake``, ``recv`` and ``send`` are shadowed on
+    that one instance until the association is up (:meth:`detach`), so nothing is monkeypatched
+    globally and any ``ssl.SSLContext`` works.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.error: OSError | None = None
+        self.handshake_done = False  # our side finished (with TLS 1.3 the server may still refuse)
+        self._sock: ssl.SSLSocket | None = None
+
+    def wrap_socket(self, sock: Any, server_side: bool = False, server_hostname: str | None = None,
+                    **kwargs: Any) -> ssl.SSLSocket:
+        ssl_sock = self.context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname, **kwargs)
+        for name in ("do_handshake", "recv", "send"):
+            setattr(ssl_sock, name, self._watched(getattr(ssl_sock, name), name == "do_handshake"))
+        self._sock = ssl_sock
+        return ssl_sock
+
+    def _watched(self, method: Callable[..., T], handshake: bool) -> Callable[..., T]:
+        def call(*args: Any, **kwargs: Any) -> T:
+            try:
+                result = method(*args, **kwargs)
+            except OSError as exc:
+                # The first TLS-layer error wins over a plain socket error it caused (a broken
+                # pipe on the next send after the peer's alert).
+                if self.error is None or (isinstance(exc, ssl.SSLError) and not isinstance(self.error, ssl.SSLError)):
+                    self.error = exc
+                raise
+            if handshake:
+                self.handshake_done = True
+            return result
+        return call
+
+    def detach(self) -> None:
+        """Back to the socket's own methods (the association is established)."""
+        if self._sock is not None:
+            for name in ("do_handshake", "recv", "send"):
+                self._sock.__dict__.pop(name, None)
+            self._sock = None
+
+
+# What OpenSSL's reason codes mean for someone setting up a peer (the text that follows "why").
+_TLS_HINTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the peer requires a client certificate and none was presented",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "the peer refused the handshake (it may require a client certificate, or "
+                                     "share no BCP 195 cipher suite)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust the CA of our client certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer refused our client certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the peer refused our client certificate",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "no common TLS version (TLS 1.2 or later is required)",
+    "UNSUPPORTED_PROTOCOL": "no common TLS version (TLS 1.2 or later is required)",
+    "NO_CIPHERS_AVAILABLE": "no common cipher suite (BCP 195 suites only)",
+    "WRONG_VERSION_NUMBER": "the peer does not speak TLS on this port",
+    "RECORD_LAYER_FAILURE": "the peer does not speak TLS on this port",
+    "PACKET_LENGTH_TOO_LONG": "the peer does not speak TLS on this port",
+}
+
+
+# OpenSSL's X509_V_ERR codes: no chain to a CA in use (2, 18, 19, 20, 21), the wrong name (62, 64).
+_UNTRUSTED = "the peer's certificate does not chain to the CA certificates in use"
+_VERIFY_HINTS = {2: _UNTRUSTED, 18: _UNTRUSTED, 19: _UNTRUSTED, 20: _UNTRUSTED, 21: _UNTRUSTED,
+                 62: "it must name the host called", 64: "it must name the host called"}
+
+
+def _tls_failure(peer: Address, exc: OSError, handshake_done: bool) -> PeerError:
+    """The PeerError for a TLS-layer failure: what OpenSSL said and, where known, what it means.
+
+    "Handshake" covers the TLS 1.3 case too where our side had finished (``handshake_done``) and
+    the server's verdict on our certificate came as an alert on the first read, or as a close
+    or reset that overtook the alert.
+    """
+    stage = "TLS handshake"
+    if handshake_done and isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)):
+        # Closed between the TLS handshake and any DICOM answer: a TLS 1.3 server refusing our
+        # client certificate (or missing one) does this; not worth retrying.
+        return PeerError(f"{stage} with {peer} failed: the peer closed the connection after the handshake (does "
+                         "it require a client certificate, or not trust ours?)", transient=False)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # e.g. "certificate verify failed: self-signed certificate in certificate chain"
+        why = f"certificate verify failed: {exc.verify_message or exc.reason}"
+        hint = _VERIFY_HINTS.get(exc.verify_code or 0)
+        return PeerError(f"{stage} with {peer} failed: {why}" + (f" ({hint})" if hint else ""), transient=False)
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or (
+            isinstance(exc, ssl.SSLError) and exc.reason == "UNEXPECTED_EOF_WHILE_READING"):
+        return PeerError(f"{stage} with {peer} failed: the peer closed the connection (does it speak TLS on this "
+                         "port? does it require a client certificate?)", transient=False)
+    if isinstance(exc, ssl.SSLError):
+        text = re.sub(r"^\[SSL(?:: [A-Z0-9_]+)?\] |\s*\(_ssl\.c:\d+\)$", "", exc.strerror or str(exc)) or str(exc)
+        hint = _TLS_HINTS.get(exc.reason or "")
+        return PeerError(f"{stage} with {peer} failed: {text}" + (f" ({hint})" if hint else ""), transient=False)
+    # A reset or a timeout mid-handshake: the network or a busy peer, worth another try (though
+    # a plain DICOM port resets a TLS hello too).
+    if isinstance(exc, ConnectionError):
+        return PeerError(f"{stage} with {peer} failed: {exc.strerror or exc} (does the peer speak TLS on this "
+                         "port?)", transient=True)
+    return PeerError(f"{stage} with {peer} failed: {exc.strerror or str(exc) or type(exc).__name__}", transient=True)
+
+
 def associate(
     ae: AE,
     peer: Address,
@@ -215,15 +332,32 @@ def associate(
     contexts: list[PresentationContext] | None = None,
     ext_neg: list[Any] | None = None,
     evt_handlers: list[Any] | None = None,
+    tls: tuple[ssl.SSLContext, str | None] | None = None,
 ) -> Association:
-    """Open an association or raise :class:`PeerError` saying why and whether to retry."""
+    """Open an association or raise :class:`PeerError` saying why and whether to retry.
+
+    ``tls``: (SSL context, server name; None for the peer's host) for DICOM TLS.
+    """
+    watch: _TlsWatch | None = None
+    tls_args: tuple[_TlsWatch, str] | None = None
+    if tls is not None:
+        watch = _TlsWatch(tls[0])
+        tls_args = (watch, tls[1] or peer.host)
+    # pynetdicom reports a refused TCP connection as an aborted association; EVT_CONN_OPEN (after
+    # the TLS handshake, with TLS) tells the two apart.
+    connected: list[bool] = []
+    handlers = [*(evt_handlers or []), (evt.EVT_CONN_OPEN, lambda event: connected.append(True))]
     try:
         assoc = ae.associate(peer.host, peer.port, contexts=contexts, ae_title=peer.ae_title, ext_neg=ext_neg,
-                             evt_handlers=evt_handlers)
+                             evt_handlers=handlers, tls_args=tls_args)  # type: ignore[arg-type]
     except OSError as exc:
         raise PeerError(f"cannot connect to {peer}: {exc}", transient=True) from exc
+    if watch is not None:
+        watch.detach()
     if assoc.is_established:
         return assoc
+    if watch is not None and watch.error is not None:
+        raise _tls_failure(peer, watch.error, watch.handshake_done) from watch.error
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
         result = getattr(prim, "result", None)
@@ -233,14 +367,18 @@ def associate(
         transient = result == 0x02
         kind = "transient" if transient else "permanent"
         raise PeerError(f"{peer} rejected the association ({kind}: {text})", transient=transient)
+    if not connected:
+        raise PeerError(f"cannot connect to {peer} (connection refused or timed out)", transient=True)
     if assoc.is_aborted:
-        raise PeerError(f"{peer} aborted the association request", transient=True)
-    raise PeerError(f"no association with {peer} (connection refused or timed out)", transient=True)
+        # A TLS-only port closes a plain connection without a DICOM answer: say so.
+        hint = "" if tls is not None else " (if the peer expects DICOM TLS on this port, connect with TLS)"
+        raise PeerError(f"{peer} aborted the association request{hint}", transient=True)
+    raise PeerError(f"no association with {peer} (no answer to the association request)", transient=True)
 
 
 @contextmanager
-def _open(ae: AE, peer: Address, **kw: Any) -> Iterator[Association]:
-    assoc = associate(ae, peer, **kw)
+def _open(ae: AE, peer: Address, options: Options, **kw: Any) -> Iterator[Association]:
+    assoc = associate(ae, peer, tls=options.tls, **kw)
     try:
         yield assoc
     finally:
@@ -278,7 +416,7 @@ def echo(peer: Address, options: Options | None = None) -> int:
     ae.add_requested_context(Verification)
 
     def attempt() -> int:
-        with _open(ae, peer) as assoc:
+        with _open(ae, peer, options) as assoc:
             status = _status_of(assoc.send_c_echo(), peer, "C-ECHO")
         if status != STATUS_SUCCESS:
             raise PeerError(f"C-ECHO: {peer} answered 0x{status:04X}", transient=False, status=status)
@@ -483,7 +621,7 @@ def store(
         def attempt(todo: list[int] = todo) -> None:
             items = [(infos[i].sop_class, infos[i].transfer_syntax, _is_model_file(infos[i])) for i in todo]  # type: ignore[union-attr]
             ae = _ae(options)
-            with _open(ae, peer, contexts=storage_contexts(items)) as assoc:
+            with _open(ae, peer, options, contexts=storage_contexts(items)) as assoc:
                 while todo:
                     i = todo[0]
                     info = infos[i]
@@ -559,7 +697,7 @@ def find(
         ae = _ae(options)
         ae.add_requested_context(sop_class, list(UNCOMPRESSED))
         matches: list[Dataset] = []
-        with _open(ae, peer) as assoc:
+        with _open(ae, peer, options) as assoc:
             for status, found in assoc.send_c_find(ident, sop_class):
                 code = _status_of(status, peer, "C-FIND")
                 category = status_category(code)
@@ -751,6 +889,7 @@ def fetch(
     out_dir: str | Path | None = None,
     receive_port: int | None = None,
     receive_bind: str = "0.0.0.0",
+    receive_tls: ssl.SSLContext | None = None,
     options: Options | None = None,
 ) -> FetchResult:
     """Retrieve ``uid`` (or ``identifier``) from ``peer`` by C-MOVE to ``move_to`` or by C-GET.
@@ -758,7 +897,9 @@ def fetch(
     ``level="auto"`` asks the peer first what the UID names (instance, then series, then study)
     and fills in the parents' UIDs. C-GET writes into ``out_dir``; a C-MOVE writes there only when
     ``receive_port`` starts a storage SCP for the move (``move_to`` must then be an AE title the
-    peer knows at that port).
+    peer knows at that port); with ``receive_tls`` (a server context, node.tls) it speaks TLS.
+    ``options.tls`` covers every association this opens: the C-FINDs of ``level="auto"``, the
+    C-MOVE request and the C-GET (whose sub-operations come back on the same association).
     """
     options = options or Options()
     if get == bool(move_to):
@@ -783,7 +924,7 @@ def fetch(
     assert move_to is not None
     server = None
     if receive_port:
-        server = _start_receiver(move_to, (receive_bind, receive_port), receiver, options)
+        server = _start_receiver(move_to, (receive_bind, receive_port), receiver, options, receive_tls)
     try:
         result = with_retries(lambda: _move_once(peer, identifier, model, move_to, options), options.retry,
                               f"C-MOVE from {peer}")
@@ -825,7 +966,7 @@ def _get_once(peer: Address, identifier: Dataset, model: str, sop_classes: list[
     contexts, roles = get_contexts(sop_classes, model)
     handlers = [(evt.EVT_C_STORE, receiver.handle_store)]
     before = len(receiver.files)
-    with _open(ae, peer, contexts=contexts, ext_neg=roles, evt_handlers=handlers) as assoc:
+    with _open(ae, peer, options, contexts=contexts, ext_neg=roles, evt_handlers=handlers) as assoc:
         last: tuple[Dataset, Dataset | None] | None = None
         for status, ident in assoc.send_c_get(identifier, GET_MODELS[model]):
             code, category = _retrieve_status(status, peer, "C-GET")
@@ -843,7 +984,7 @@ def _get_once(peer: Address, identifier: Dataset, model: str, sop_classes: list[
 def _move_once(peer: Address, identifier: Dataset, model: str, move_to: str, options: Options) -> FetchResult:
     ae = _ae(options)
     ae.add_requested_context(MOVE_MODELS[model], list(UNCOMPRESSED))
-    with _open(ae, peer) as assoc:
+    with _open(ae, peer, options) as assoc:
         for status, ident in assoc.send_c_move(identifier, move_to, MOVE_MODELS[model]):
             code, category = _retrieve_status(status, peer, "C-MOVE")
             if category == "pending":
@@ -852,7 +993,8 @@ def _move_once(peer: Address, identifier: Dataset, model: str, move_to: str, opt
     raise PeerError(f"C-MOVE: {peer} sent no final response", transient=True)
 
 
-def _start_receiver(ae_title: str, address: tuple[str, int], receiver: _Receiver, options: Options) -> Any:
+def _start_receiver(ae_title: str, address: tuple[str, int], receiver: _Receiver, options: Options,
+                    ssl_context: ssl.SSLContext | None = None) -> Any:
     ae = AE(ae_title=ae_title)
     ae.maximum_pdu_size = options.max_pdu
     ae.network_timeout = options.network_timeout
@@ -860,4 +1002,5 @@ def _start_receiver(ae_title: str, address: tuple[str, int], receiver: _Receiver
     classes = [str(RAW_DATA_STORAGE)] + [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
     for sop in dict.fromkeys(classes):
         ae.add_supported_context(sop, RECEIVE_TRANSFER_SYNTAXES if sop != RAW_DATA_STORAGE else [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    return ae.start_server(address, block=False, evt_handlers=[(evt.EVT_C_STORE, receiver.handle_store)])
+    return ae.start_server(address, block=False, ssl_context=ssl_context,
+                           evt_handlers=[(evt.EVT_C_STORE, receiver.handle_store)])

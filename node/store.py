@@ -564,7 +564,11 @@ def _parse(fh: BinaryIO, size: int, transfer_syntax: str) -> Dataset:
         raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, IndexError, NotImplementedError,
             AttributeError, OverflowError, UnicodeDecodeError, struct.error, zlib.error) as exc:
-        raise StoreRefused(CANNOT_UNDERSTAND, f"dataset does not parse: {exc}") from exc
+        # The parser's message can quote element values (a name, a date): DEBUG only. The
+        # refusal (logged at WARNING, sent to the peer) names the kind of error.
+        log.debug("dataset parse error: %s", exc)
+        raise StoreRefused(CANNOT_UNDERSTAND, f"dataset does not parse ({type(exc).__name__}; "
+                                              "details at debug level)") from exc
     if len(ds) == 0:
         raise StoreRefused(CANNOT_UNDERSTAND, "dataset is empty")
     return ds

@@ -25,7 +25,10 @@ The SCU: :func:`tls_args` gives pynetdicom's ``ae.associate(..., tls_args=...)``
 ``tls = true`` (``None`` for the others): the server's certificate is verified against
 ``[tls] ca_certificates`` (or the system trust store) and, with ``check_hostname``, must name the
 peer's host; the node presents its own certificate when it has one (peers that require client
-certificates).
+certificates). Every SCU path takes it: the node's C-MOVE sub-associations (node.permissions), the
+outbox exporter (node.outbox.export_options) and ``modelnode echo | store | find | fetch``
+(node.scu ``Options.tls``; the commands' ``--tls*`` options build contexts with
+:func:`client_context_from`).
 
 Contexts are built once per distinct setting and cached: certificates are read at start, so a
 renewed certificate takes effect at the next restart.
@@ -150,6 +153,29 @@ def _client_context(certificate: str, private_key: str, ca_file: str, check_host
     if certificate:
         _load_chain(ctx, certificate, private_key)
     return ctx
+
+
+def client_context_from(certificate: str | Path = "", private_key: str | Path = "", ca_certificates: str | Path = "",
+                        check_hostname: bool = True) -> ssl.SSLContext:
+    """A BCP 195 client context from explicit files (the ``--tls-*`` options of the SCU commands).
+
+    ``ca_certificates`` empty: the system trust store. ``certificate`` empty: no client
+    certificate; ``private_key`` empty: the key is in the certificate file. Raises
+    :class:`TlsConfigError` with the ``tls.*`` key that the file stands for.
+    """
+    return _client_context(str(certificate or ""), str(private_key or ""), str(ca_certificates or ""),
+                           bool(check_hostname))
+
+
+def server_context_from(certificate: str | Path, private_key: str | Path, ca_certificates: str | Path = "",
+                        require_client_certificate: bool = False, io_timeout: float | None = None) -> ssl.SSLContext:
+    """A BCP 195 server context from explicit files (the storage SCP that ``fetch --listen`` starts)."""
+    if not certificate:
+        raise TlsConfigError("tls.certificate", "a TLS listener needs a certificate and its private key")
+    if require_client_certificate and not ca_certificates:
+        raise TlsConfigError("tls.require_client_certificate", "needs CA certificates to verify client certificates")
+    return _server_context(str(certificate), str(private_key or ""), str(ca_certificates or ""),
+                           bool(require_client_certificate), io_timeout)
 
 
 def client_context(cfg: Config, peer: Any = None) -> ssl.SSLContext:

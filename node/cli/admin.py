@@ -140,10 +140,7 @@ def _echo_tls(cfg: Any, host: str) -> None:
     trusted as is (no name check: we call it by address), and ours is presented when readable."""
     import ssl
 
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
-
-    from node import tls
+    from node import scu, tls
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = tls.MINIMUM_VERSION
@@ -156,19 +153,10 @@ def _echo_tls(cfg: Any, host: str) -> None:
         ctx.load_cert_chain(cfg.tls.certificate, cfg.tls.private_key)
     except OSError:
         pass  # not readable by this user: fine unless the node requires client certificates
-    ae = AE("MODELNODE-STATUS")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = 5
-    ae.connection_timeout = 3
-    assoc = ae.associate(host, cfg.node.port, ae_title=cfg.node.ae_title, tls_args=(ctx, None))
-    if not assoc.is_established:
-        raise ConnectionError("no TLS association (refused, rejected or the handshake failed)")
-    try:
-        status = assoc.send_c_echo()
-        if not status or status.Status != 0:
-            raise ConnectionError("C-ECHO failed")
-    finally:
-        assoc.release()
+    # node.scu says why a handshake failed (pynetdicom alone reports only "not established").
+    options = scu.Options(calling_ae="MODELNODE-STATUS", retry=scu.NO_RETRY, connect_timeout=3, acse_timeout=5,
+                          network_timeout=5, dimse_timeout=5, tls=(ctx, None))
+    scu.echo(scu.Address(cfg.node.ae_title, host, cfg.node.port), options)
 
 
 def _disk_guard(cfg: Any) -> dict[str, Any]:

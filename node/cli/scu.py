@@ -5,6 +5,12 @@ Each talks to one peer given as ``--to AE@HOST:PORT`` or as the AE title of a co
 aborted) are retried with exponential backoff (``--retries``, ``--retry-delay``,
 ``--retry-max-delay``); a failure status is final. Exit code 6 (EXIT_PEER) when the peer could
 not be reached or answered with a failure.
+
+DICOM TLS (BCP 195, node.tls): ``--tls`` with ``--tls-ca`` (else the system trust store),
+``--tls-cert``/``--tls-key`` (a client certificate, for peers that require one) and
+``--tls-no-hostname-check``. A ``--to`` that is a ``[[peers]]`` entry with ``tls = true`` uses the
+configuration's ``[tls]`` files without ``--tls``; the options given override them. A failed
+handshake is final (not retried) and says why.
 """
 
 from __future__ import annotations
@@ -53,7 +59,85 @@ def _peer(args: argparse.Namespace, cfg: Any) -> Any:
         raise CliError(f"--to: {exc}", EXIT_USAGE) from exc
 
 
-def _options(args: argparse.Namespace, cfg: Any) -> Any:
+def _configured_tls_peer(cfg: Any, peer: Any) -> Any:
+    """The ``[[peers]]`` entry with ``tls = true`` that ``peer`` is (same AE title, host and port:
+    ``--to AE`` or its full address), else None. The same AE title elsewhere is another port,
+    perhaps a plain one, so it does not count."""
+    known = cfg.peer(peer.ae_title)
+    if known is None or not known.tls or (known.host, known.port) != (peer.host, peer.port):
+        return None
+    return known
+
+
+# Which option stands for which [tls] key, to name the right one in an error.
+_TLS_FLAGS = {"tls.certificate": "--tls-cert", "tls.private_key": "--tls-key", "tls.ca_certificates": "--tls-ca"}
+
+
+def _tls_files(args: argparse.Namespace, cfg: Any, peer: Any) -> tuple[str, str, str, bool, set[str]] | None:
+    """(certificate, private key, CA file, check host name, keys given as options), or None
+    for a plain connection: the configuration's ``[tls]`` for a configured ``tls = true`` peer,
+    nothing (system trust store) otherwise, each overridden by the ``--tls-*`` option given."""
+    flags = {"tls.certificate": args.tls_cert, "tls.private_key": args.tls_key, "tls.ca_certificates": args.tls_ca}
+    given = {key for key, value in flags.items() if value}
+    if args.tls_key and not args.tls_cert:
+        raise CliError("--tls-key needs --tls-cert (the certificate it belongs to)", EXIT_USAGE)
+    # Any --tls-* option asks for TLS: a client certificate must never go unused on a plain connection.
+    explicit = args.tls or bool(given) or args.tls_no_hostname_check
+    known = _configured_tls_peer(cfg, peer)
+    if not explicit and known is None:
+        return None
+    t = cfg.tls
+    cert, key, ca = (t.certificate, t.private_key, t.ca_certificates) if known is not None else ("", "", "")
+    check = t.check_hostname if known is not None else True
+    if args.tls_cert:
+        cert, key = args.tls_cert, args.tls_key or ""  # no --tls-key: the key is in the certificate file
+    ca = args.tls_ca or ca
+    for key_name in given:
+        if not Path(flags[key_name]).expanduser().is_file():
+            raise CliError(f"{_TLS_FLAGS[key_name]}: no such file: {flags[key_name]}", EXIT_NOT_FOUND)
+    return cert, key, ca, check and not args.tls_no_hostname_check, given
+
+
+def _client_tls(args: argparse.Namespace, cfg: Any, peer: Any) -> tuple[Any, str] | None:
+    """``Options.tls`` for calling ``peer``: a BCP 195 client context and the host to verify."""
+    from node import tls
+
+    files = _tls_files(args, cfg, peer)
+    if files is None:
+        return None
+    cert, key, ca, check, given = files
+    try:
+        return tls.client_context_from(cert, key, ca, check), peer.host
+    except tls.TlsConfigError as exc:
+        where = _TLS_FLAGS[exc.key] if exc.key in given else f"{exc.key} (configuration)"
+        raise CliError(f"{where}: {exc.reason}", EXIT_INVALID) from exc
+
+
+def _receiver_tls(args: argparse.Namespace, cfg: Any) -> Any:
+    """The server context of the ``--listen`` storage SCP with ``--listen-tls``: our certificate
+    (``--tls-cert``/``--tls-key``, else the configuration's) and, to verify a client certificate
+    the sender presents, ``--tls-ca`` or the configuration's CA file."""
+    from node import tls
+
+    if not args.listen_tls:
+        return None
+    if not args.listen:
+        raise CliError("--listen-tls is for --listen", EXIT_USAGE)
+    cert, key = (args.tls_cert, args.tls_key or "") if args.tls_cert else (cfg.tls.certificate, cfg.tls.private_key)
+    if not cert:
+        raise CliError("--listen-tls needs a certificate: --tls-cert and --tls-key, or tls.certificate and "
+                       "tls.private_key in the configuration", EXIT_USAGE)
+    given = ({"tls.certificate", "tls.private_key"} if args.tls_cert else set()) | (
+        {"tls.ca_certificates"} if args.tls_ca else set())
+    try:
+        return tls.server_context_from(cert, key, args.tls_ca or cfg.tls.ca_certificates,
+                                       io_timeout=cfg.node.network_timeout)
+    except tls.TlsConfigError as exc:
+        where = _TLS_FLAGS[exc.key] if exc.key in given else f"{exc.key} (configuration)"
+        raise CliError(f"{where}: {exc.reason}", EXIT_INVALID) from exc
+
+
+def _options(args: argparse.Namespace, cfg: Any, peer: Any) -> Any:
     from node.scu import Options, RetryPolicy
 
     if args.retries < 0:
@@ -66,15 +150,19 @@ def _options(args: argparse.Namespace, cfg: Any) -> Any:
         connect_timeout=min(args.timeout, 10.0),
         max_pdu=cfg.node.max_pdu,
         retry=RetryPolicy(attempts=args.retries + 1, base_delay=args.retry_delay, max_delay=args.retry_max_delay),
+        tls=_client_tls(args, cfg, peer),
     )
 
 
-def _setup(args: argparse.Namespace) -> tuple[Any, Any]:
-    # pynetdicom logs every refused connection at ERROR; our own lines say what happened.
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(peer, options, configuration)."""
+    # pynetdicom logs every refused connection (and failed TLS handshake) at ERROR; our own lines
+    # say what happened.
     if args.verbose < 2:
         logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     cfg = config_from_args(args)
-    return _peer(args, cfg), _options(args, cfg)
+    peer = _peer(args, cfg)
+    return peer, _options(args, cfg, peer), cfg
 
 
 def _peer_failure(exc: Exception) -> CliError:
@@ -87,7 +175,7 @@ def _peer_failure(exc: Exception) -> CliError:
 def cmd_echo(args: argparse.Namespace) -> int:
     from node import scu
 
-    peer, options = _setup(args)
+    peer, options, _ = _setup(args)
     start = time.monotonic()
     try:
         scu.echo(peer, options)
@@ -119,7 +207,7 @@ def cmd_store(args: argparse.Namespace) -> int:
 
     from node import scu
 
-    peer, options = _setup(args)
+    peer, options, _ = _setup(args)
     files = _expand(args.files, args.recursive)
     if not files:
         raise CliError("no files to send", EXIT_NOT_FOUND)
@@ -288,7 +376,7 @@ def build_identifier(keys: list[str], level: str | None) -> tuple[Any, str]:
 def cmd_find(args: argparse.Namespace) -> int:
     from node import scu
 
-    peer, options = _setup(args)
+    peer, options, _ = _setup(args)
     identifier, level = build_identifier(args.key or [], args.level)
     try:
         matches = scu.find(peer, identifier, model=args.model, options=options)
@@ -316,11 +404,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         raise CliError("choose --move-to AE (C-MOVE) or --get (C-GET)", EXIT_USAGE)
     if args.listen and not args.move_to:
         raise CliError("--listen is for --move-to (receive the moved instances here)", EXIT_USAGE)
-    peer, options = _setup(args)
+    peer, options, cfg = _setup(args)
+    receive_tls = _receiver_tls(args, cfg)
     out = Path(args.output) if args.output else Path.cwd()
     try:
         result = scu.fetch(peer, args.uid, level=_level_arg(args), model=args.model, move_to=args.move_to, get=args.get,
-                           out_dir=out, receive_port=args.listen, receive_bind=args.listen_address, options=options)
+                           out_dir=out, receive_port=args.listen, receive_bind=args.listen_address,
+                           receive_tls=receive_tls, options=options)
     except LookupError as exc:
         raise CliError(str(exc), EXIT_NOT_FOUND) from exc
     except scu.PeerError as exc:
@@ -349,6 +439,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-delay", type=float, default=0.5, metavar="S",
                    help="first wait between retries, doubled each time (default 0.5)")
     p.add_argument("--retry-max-delay", type=float, default=8.0, metavar="S", help="longest wait (default 8)")
+    g = p.add_argument_group("DICOM TLS (BCP 195: TLS 1.2 or later, ECDHE with AEAD suites)",
+                             "A --to naming a [[peers]] entry with tls = true uses TLS and the\n"
+                             "configuration's [tls] files without --tls; the options below override them.\n"
+                             "Any of them implies --tls. A failed handshake is not retried.")
+    g.add_argument("--tls", action="store_true", help="connect with TLS")
+    g.add_argument("--tls-ca", metavar="FILE",
+                   help="CA certificates (PEM) that must have signed the peer's certificate (default: the system "
+                   "trust store, or tls.ca_certificates for a configured peer)")
+    g.add_argument("--tls-cert", metavar="FILE", help="our client certificate chain (PEM), for peers that require one")
+    g.add_argument("--tls-key", metavar="FILE", help="its private key (PEM, unencrypted; default: in --tls-cert)")
+    g.add_argument("--tls-no-hostname-check", action="store_true",
+                   help="accept a trusted certificate that does not name the peer's host (the CA check stays)")
 
 
 def register(sub: Any) -> None:
@@ -406,6 +508,10 @@ def register(sub: Any) -> None:
     p.add_argument("--model", choices=["study", "patient"], default="study", help="information model (default study)")
     p.add_argument("--listen", type=int, metavar="PORT", help="with --move-to: receive the moved instances on PORT")
     p.add_argument("--listen-address", default="0.0.0.0", metavar="ADDR", help="address for --listen (default all)")
+    p.add_argument("--listen-tls", action="store_true",
+                   help="the --listen receiver speaks TLS, with --tls-cert/--tls-key (else tls.certificate and "
+                   "tls.private_key); a client certificate the sender presents is verified against --tls-ca (else "
+                   "tls.ca_certificates)")
     _common(p)
     p.set_defaults(func=cmd_fetch)
 

@@ -1,0 +1,303 @@
+"""DICOM TLS on the node's SCU paths: ``modelnode echo | store | find | fetch`` and the outbox exporter.
+
+Real peers over loopback, with a PKI made per run (tests/certs.py): dcmtk's storescp ``+tls``
+(which requires and verifies a client certificate by default) and a TLS-only ``modelnode serve``.
+What must fail fails at once with a message that says it was TLS and why: a server certificate
+from an unknown CA, a missing or foreign client certificate, a plain association to a TLS port and
+TLS to a plain port.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from certs import Pki, make_pki
+from node_proc import MODELNODE, REPO, node_process, write_config
+from peers import free_port, require, stop, wait_port
+from pydicom.data import get_testdata_file
+from pynetdicom.dsutils import split_dataset
+
+from node import outbox, scu, tls
+from node.config import parse_config
+
+pytestmark = pytest.mark.peers
+
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
+MR_SMALL = Path(get_testdata_file("MR_small.dcm"))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def body(path: Path) -> bytes:
+    """The dataset bytes after the File Meta: what a byte-exact transfer keeps (the receiver
+    writes its own File Meta)."""
+    _, offset = split_dataset(Path(path))
+    return Path(path).read_bytes()[offset:]
+
+
+def received(out: Path, sop_uid: str) -> Path:
+    for path in out.iterdir():
+        if path.is_file() and pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID == sop_uid:
+            return path
+    raise AssertionError(f"{sop_uid} not among {sorted(p.name for p in out.iterdir())}")
+
+
+@dataclass
+class Storescp:
+    port: int
+    out: Path
+    proc: subprocess.Popen
+
+    def to(self, host: str = "127.0.0.1") -> str:
+        return f"STORESCP@{host}:{self.port}"
+
+
+@contextmanager
+def storescp(workdir: Path, pki: Pki | None, peer_cert: str = "-rc") -> Iterator[Storescp]:
+    """dcmtk's storescp, bit-preserving (+B: the data set bytes as received) into ``workdir/out``;
+    with ``pki`` a TLS-only one whose certificate is the test server's (``peer_cert``: -rc
+    requires a client certificate, -vc verifies one if presented). dcmtk 3.6.7's storescp cannot
+    bind to one address; the tests only call it on loopback."""
+    out = workdir / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cmd = [require("storescp"), "-ta", "10", "+B", "-od", str(out)]
+    if pki is not None:
+        cmd += ["+tls", str(pki.server_key), str(pki.server_cert), "+cf", str(pki.ca), peer_cert]
+    log = open(workdir / "storescp.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([*cmd, str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, 20, proc)
+        yield Storescp(port, out, proc)
+    finally:
+        stop(proc)
+        log.close()
+
+
+def modelnode(*args: str, config: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``modelnode [--config FILE] ARGS`` as a process (the CLI as an operator runs it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MODELNODE_CONFIG", "MODELNODE_DATA_DIR")}
+    pre = ["--config", str(config)] if config else []
+    return subprocess.run([*MODELNODE, *pre, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=env)
+
+
+def client_flags(pki: Pki, *, cert: bool = True) -> list[str]:
+    flags = ["--tls", "--tls-ca", str(pki.ca)]
+    return flags + (["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)] if cert else [])
+
+
+# --------------------------------------------------------------------------- the CLI against dcmtk
+
+
+@pytest.mark.timeout(90)
+def test_echo_and_store_over_tls_with_a_client_certificate(tmp_path, pki):
+    with storescp(tmp_path, pki) as scp:
+        res = modelnode("echo", "--to", scp.to(), *client_flags(pki))
+        assert res.returncode == 0 and "C-ECHO success" in res.stdout, res.stderr
+        res = modelnode("store", str(CT_SMALL), str(MR_SMALL), "--to", scp.to(), *client_flags(pki))
+        assert res.returncode == 0 and "stored 2 of 2" in res.stdout, res.stderr
+        for src in (CT_SMALL, MR_SMALL):
+            uid = str(pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID)
+            assert body(received(scp.out, uid)) == body(src)
+        # The certificate names localhost and 127.0.0.1 only: another loopback address fails the
+        # name check, and passes with --tls-no-hostname-check (the CA check stays).
+        res = modelnode("echo", "--to", scp.to("127.0.0.2"), *client_flags(pki))
+        assert res.returncode == 6 and "certificate verify failed" in res.stderr, res.stderr
+        assert "IP address mismatch" in res.stderr or "Hostname mismatch" in res.stderr
+        res = modelnode("echo", "--to", scp.to("127.0.0.2"), *client_flags(pki), "--tls-no-hostname-check")
+        assert res.returncode == 0, res.stderr
+        res = modelnode("echo", "--to", scp.to("localhost"), *client_flags(pki))
+        assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.timeout(90)
+def test_required_client_certificate_missing_or_foreign_fails_at_once(tmp_path, pki):
+    with storescp(tmp_path, pki, "-rc") as scp:
+        t0 = time.monotonic()
+        res = modelnode("echo", "--to", scp.to(), *client_flags(pki, cert=False))
+        assert res.returncode == 6, res.stderr
+        assert "TLS handshake with" in res.stderr and "client certificate" in res.stderr, res.stderr
+        assert "retrying" not in res.stderr and time.monotonic() - t0 < 8
+        foreign = ["--tls", "--tls-ca", str(pki.ca), "--tls-cert", str(pki.rogue_cert), "--tls-key", str(pki.rogue_key)]
+        res = modelnode("store", str(CT_SMALL), "--to", scp.to(), *foreign)
+        # With TLS 1.3 the server's verdict on our certificate comes after our side of the
+        # handshake: the "unknown ca" alert, or (when the close overtakes it) just the close.
+        assert res.returncode == 6 and "TLS handshake with" in res.stderr, res.stderr
+        assert "client certificate" in res.stderr, res.stderr
+        assert "retrying" not in res.stderr and not list(scp.out.iterdir())
+        # The peer still serves a client that presents the right certificate.
+        assert modelnode("echo", "--to", scp.to(), *client_flags(pki)).returncode == 0
+    # A peer that only verifies a certificate when one comes: no client certificate is fine.
+    with storescp(tmp_path / "optional", pki, "-vc") as scp:
+        res = modelnode("echo", "--to", scp.to(), *client_flags(pki, cert=False))
+        assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.timeout(90)
+def test_server_certificate_from_an_unknown_ca_fails_at_once(tmp_path, pki):
+    rogue_ca = pki.directory / "rogue-ca.crt"
+    with storescp(tmp_path, pki) as scp:
+        for ca in (["--tls-ca", str(rogue_ca)], []):  # a wrong CA file, and the system trust store
+            t0 = time.monotonic()
+            res = modelnode("echo", "--to", scp.to(), "--tls", *ca, "--tls-cert", str(pki.client_cert),
+                            "--tls-key", str(pki.client_key))
+            elapsed = time.monotonic() - t0
+            assert res.returncode == 6, res.stderr
+            assert "TLS handshake with" in res.stderr and "certificate verify failed" in res.stderr, res.stderr
+            # Final at once: no retries with backoff (those would take 3.5 s and say "retrying").
+            assert "retrying" not in res.stderr and elapsed < 8, (elapsed, res.stderr)
+
+
+@pytest.mark.timeout(90)
+def test_plain_to_tls_port_and_tls_to_plain_port_fail_cleanly(tmp_path, pki):
+    with storescp(tmp_path / "tls", pki) as scp:
+        t0 = time.monotonic()
+        res = modelnode("echo", "--to", scp.to(), "--retries", "1", "--retry-delay", "0.2")
+        assert res.returncode == 6 and "aborted the association request" in res.stderr, res.stderr
+        assert "DICOM TLS" in res.stderr and time.monotonic() - t0 < 15
+        assert modelnode("echo", "--to", scp.to(), *client_flags(pki)).returncode == 0
+    with storescp(tmp_path / "plain", None) as scp:
+        res = modelnode("echo", "--to", scp.to(), *client_flags(pki), "--retries", "0")
+        assert res.returncode == 6 and "TLS handshake with" in res.stderr, res.stderr
+        assert "speak TLS" in res.stderr
+        assert modelnode("echo", "--to", scp.to()).returncode == 0
+
+
+@pytest.mark.timeout(30)
+def test_bad_tls_options_are_usage_errors(tmp_path, pki):
+    res = modelnode("echo", "--to", "X@127.0.0.1:104", "--tls-ca", str(tmp_path / "nope.pem"))
+    assert res.returncode == 4 and "--tls-ca" in res.stderr, res.stderr
+    res = modelnode("echo", "--to", "X@127.0.0.1:104", "--tls-key", str(pki.client_key))
+    assert res.returncode == 2 and "--tls-key needs --tls-cert" in res.stderr, res.stderr
+    # The client's certificate with the server's key.
+    res = modelnode("echo", "--to", "X@127.0.0.1:104", "--tls-cert", str(pki.client_cert), "--tls-key",
+                    str(pki.server_key))
+    assert res.returncode == 3 and "--tls-key" in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(30)
+def test_contexts_follow_bcp195(pki):
+    ctx = tls.client_context_from(pki.client_cert, pki.client_key, pki.ca)
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert all(c["name"] in tls.BCP195_CIPHERS.split(":") for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2")
+    assert not tls.client_context_from(ca_certificates=pki.ca, check_hostname=False).check_hostname
+    server = tls.server_context_from(pki.server_cert, pki.server_key, pki.ca)
+    assert server.minimum_version == ssl.TLSVersion.TLSv1_2 and server.verify_mode == ssl.CERT_OPTIONAL
+
+
+# --------------------------------------------------------------------------- the CLI against a TLS node
+
+
+@pytest.mark.timeout(180)
+def test_cli_against_a_tls_node_from_the_configuration(tmp_path, pki):
+    """The node's port speaks TLS only and requires client certificates. The operator's
+    configuration names it as a [[peers]] entry with tls = true: echo, store, find and fetch
+    (C-GET, and C-MOVE to a TLS receiver started by fetch --listen --listen-tls) need no option."""
+    receiver_port = free_port()
+    node_tls = {"enabled": True, "certificate": str(pki.server_cert), "private_key": str(pki.server_key),
+                "ca_certificates": str(pki.ca), "require_client_certificate": True}
+    # The node calls the --listen receiver by TLS: it verifies the receiver's certificate (the
+    # server's, naming 127.0.0.1) and presents its own.
+    receiver = {"ae_title": "RECEIVER", "host": "127.0.0.1", "port": receiver_port, "tls": True}
+    with node_process(tmp_path / "node", peers=[receiver], storage={"fsync": False},
+                      extra={"tls": node_tls}) as node:
+        client_cfg = write_config(tmp_path / "client.toml", {
+            "node": {"ae_title": "OPERATOR"},
+            "storage": {"data_dir": str(tmp_path / "client-data")},
+            "tls": {"certificate": str(pki.client_cert), "private_key": str(pki.client_key),
+                    "ca_certificates": str(pki.ca)},
+        }, [{"ae_title": node.ae_title, "host": "127.0.0.1", "port": node.port, "tls": True}])
+        res = modelnode("echo", "--to", node.ae_title, config=client_cfg)
+        assert res.returncode == 0 and "C-ECHO success" in res.stdout, res.stderr + node.log()[-3000:]
+        res = modelnode("store", str(CT_SMALL), "--to", node.ae_title, config=client_cfg)
+        assert res.returncode == 0 and "stored 1 of 1" in res.stdout, res.stderr
+        ds = pydicom.dcmread(CT_SMALL, stop_before_pixels=True)
+        res = modelnode("find", "--to", node.ae_title, "--level", "STUDY", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}",
+                        "-k", "ModalitiesInStudy", "--json", config=client_cfg)
+        assert res.returncode == 0 and '"ModalitiesInStudy": "CT"' in res.stdout, res.stderr
+        # C-GET: the instance comes back on the TLS association, byte for byte.
+        out = tmp_path / "got"
+        res = modelnode("fetch", str(ds.SOPInstanceUID), "--to", node.ae_title, "--get", "-o", str(out),
+                        config=client_cfg)
+        assert res.returncode == 0 and "1 completed" in res.stdout, res.stderr
+        assert body(received(out, str(ds.SOPInstanceUID))) == body(CT_SMALL)
+        # The same node by address and options only, no configuration.
+        to = f"{node.ae_title}@127.0.0.1:{node.port}"
+        res = modelnode("find", "--to", to, "--level", "STUDY", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}",
+                        *client_flags(pki))
+        assert res.returncode == 0 and "1 match(es)" in res.stderr, res.stderr
+        # Without a client certificate the node refuses the handshake: final, and says so.
+        res = modelnode("echo", "--to", to, *client_flags(pki, cert=False))
+        assert res.returncode == 6 and "TLS handshake with" in res.stderr and "retrying" not in res.stderr, res.stderr
+        # C-MOVE to our own receiver over TLS. Our certificate both ways: the server's (it is
+        # valid for client and server use and names 127.0.0.1).
+        out = tmp_path / "moved"
+        res = modelnode("fetch", str(ds.SOPInstanceUID), "--to", to, "--move-to", "RECEIVER", "--listen",
+                        str(receiver_port), "--listen-address", "127.0.0.1", "--listen-tls", "-o", str(out), "--tls",
+                        "--tls-ca", str(pki.ca), "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+        assert res.returncode == 0 and "1 completed" in res.stdout, res.stderr + node.log()[-3000:]
+        assert body(received(out, str(ds.SOPInstanceUID))) == body(CT_SMALL)
+
+
+# --------------------------------------------------------------------------- the outbox exporter
+
+
+def exporter_config(tmp_path: Path, pki: Pki, port: int, *, peer_tls: bool = True) -> object:
+    """The node's configuration with a PACS peer: tls = true, the node's own certificate (the
+    server's: valid for client use) presented to it, the test CA to verify it."""
+    return parse_config({
+        "node": {"ae_title": "MODELNODE"},
+        "storage": {"data_dir": str(tmp_path / "data"), "fsync": False},
+        "tls": {"certificate": str(pki.server_cert), "private_key": str(pki.server_key),
+                "ca_certificates": str(pki.ca)},
+        "peers": [{"ae_title": "PACS", "host": "127.0.0.1", "port": port, "tls": peer_tls},
+                  {"ae_title": "PLAIN", "host": "127.0.0.1", "port": port}],
+    })
+
+
+@pytest.mark.timeout(60)
+def test_export_options_carry_tls_for_a_tls_peer(tmp_path, pki):
+    with storescp(tmp_path, pki, "-rc") as scp:
+        cfg = exporter_config(tmp_path, pki, scp.port)
+        options = outbox.export_options(cfg, "PACS")
+        assert options.tls is not None and options.calling_ae == "MODELNODE" and options.retry.attempts == 1
+        assert outbox.export_options(cfg, "PLAIN").tls is None
+        [result] = scu.store([CT_SMALL], scu.Address("PACS", "127.0.0.1", scp.port), options)
+        assert result.status == 0, result.error
+        uid = str(pydicom.dcmread(CT_SMALL, stop_before_pixels=True).SOPInstanceUID)
+        assert body(received(scp.out, uid)) == body(CT_SMALL)
+
+
+@pytest.mark.timeout(90)
+def test_exporter_delivers_to_a_tls_peer(tmp_path, pki):
+    """The outbox exporter (Pipeline.export_due) sends a queued result to a tls = true peer."""
+    from node.app import open_app
+    from node.context import NodeContext
+    from node.pipeline import Pipeline
+
+    with storescp(tmp_path, pki, "-rc") as scp:
+        app = open_app(exporter_config(tmp_path, pki, scp.port))
+        try:
+            stored = app.store.put_file(CT_SMALL)
+            uid = str(pydicom.dcmread(CT_SMALL, stop_before_pixels=True).SOPInstanceUID)
+            item = outbox.enqueue(None, uid, stored.digest, "PACS")
+            assert Pipeline(NodeContext(app)).export_due() == 1
+            row = outbox.OutboxItem.get_by_id(item.id)
+            assert row.state == "sent", row.last_error
+        finally:
+            app.close()
+        assert body(received(scp.out, uid)) == body(CT_SMALL)
