@@ -146,6 +146,10 @@ class PeerError(Exception):
         self.status = status
 
 
+class AssociationRejected(PeerError):
+    """The peer answered the association request with A-ASSOCIATE-RJ (it is up, and said no)."""
+
+
 class SendRefused(ValueError):
     """One C-STORE cannot be made on this association (no usable presentation context, or a
     conversion the node cannot do). pynetdicom counts it as a failed sub-operation."""
@@ -366,7 +370,7 @@ def associate(
         text = _REJECT_REASONS.get((source or 0, reason or 0), f"source {source}, reason {reason}")
         transient = result == 0x02
         kind = "transient" if transient else "permanent"
-        raise PeerError(f"{peer} rejected the association ({kind}: {text})", transient=transient)
+        raise AssociationRejected(f"{peer} rejected the association ({kind}: {text})", transient=transient)
     if not connected:
         raise PeerError(f"cannot connect to {peer} (connection refused or timed out)", transient=True)
     if assoc.is_aborted:

@@ -373,6 +373,8 @@ def test_metrics_status_and_config_check_of_a_running_node(tmp_path):
         assert report["disk"]["accepting_store"] is True
         assert report["last_rejections"][-1]["calling_ae"] == "STRANGER"
         assert "not a known peer" in report["last_rejections"][-1]["reason"]
+        assert report["node_echo"] == f"answering on 127.0.0.1:{svc.port}"
+
 
         check = svc.cli("config", "check")
         assert check.returncode == 0 and "configuration OK" in check.stdout

@@ -10,6 +10,7 @@ statuses. The node runs as a separate process (tests/node_proc.py) and is stoppe
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sqlite3
@@ -441,6 +442,10 @@ def test_allow_list_rejects_unknown_callers(tmp_path):
         res = storescu(n, str(get_testdata_file("CT_small.dcm")), aet="STRANGER")
         assert res.returncode != 0 and not object_files(n)
         assert echoscu(n, aet="GOODSCU").returncode == 0 and n.alive()
+        # modelnode status probes with C-ECHO as MODELNODE-STATUS, which is not listed here: the
+        # node is reported up, with the reason its echo did not get through.
+        echo = json.loads(n.cli("status", "--json").stdout)["node_echo"]
+        assert echo.startswith(f"answering on 127.0.0.1:{n.port}, but it rejected the status probe"), echo
 
 
 # --------------------------------------------------------------------------- concurrency

@@ -122,6 +122,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             options = scu.Options(calling_ae="MODELNODE-STATUS"[:16], retry=scu.NO_RETRY, connect_timeout=3)
             scu.echo(scu.Address(cfg.node.ae_title, host, cfg.node.port), options)
         report["node_echo"] = f"answering on {host}:{cfg.node.port}"
+    except scu.AssociationRejected as exc:
+        # Up and answering, but not to this probe: the allow-list is on and has no entry for it.
+        report["node_echo"] = (f"answering on {host}:{cfg.node.port}, but it rejected the status probe ({exc}); "
+                               "add a [[peers]] entry for MODELNODE-STATUS on this host to get a C-ECHO through")
     except Exception as exc:  # no running node is a fact to report, not a crash
         report["node_echo"] = f"not answering: {exc}"
     if args.json:
