@@ -385,6 +385,14 @@ class Node:
         store_handler.prepare(self.ctx)
         from node import metrics, tls
 
+        if self.config.pipeline.enabled:
+            from node.pipeline import Pipeline
+
+            # Before the port opens: building the pipeline imports ONNX Runtime and highdicom and
+            # loads their tables (several hundred ms of CPU under the GIL), which used to run beside
+            # the first study received and slowed its C-STOREs by half.
+            self.pipeline = Pipeline(self.ctx, audit=self.security.audit)
+            self.pipeline.start()
         handlers = self.security.wrap(self.handlers())
         for listener in tls.listeners(self.config):
             self._servers.append(self.ae.start_server(listener.address, block=False, ssl_context=listener.ssl_context,
@@ -396,11 +404,6 @@ class Node:
                                   disk=self.security.diskguard.state)
         if self.config.metrics.enabled:
             self._metrics = metrics.start_metrics_server(self.config.metrics.port, self.config.metrics.bind)
-        if self.config.pipeline.enabled:
-            from node.pipeline import Pipeline
-
-            self.pipeline = Pipeline(self.ctx, audit=self.security.audit)
-            self.pipeline.start()
         # The port is bound and the database open: tell systemd (no-op outside it).
         systemd.notify(f"READY=1\nSTATUS=serving {n.ae_title} on {n.bind}:{self.port}")
         self._watchdog = systemd.Watchdog()
