@@ -76,9 +76,14 @@ class Pipeline:
         ))
         self.normaliser = AnatomyNormaliser(extra_synonyms=cfg.anatomy.synonyms)
         self._send = sender or self._c_store
+        from iods.results import warm_up
         from node.prefetch import Prefetcher
 
         self.prefetch = Prefetcher(ctx.app.store, cfg.pipeline.prefetch_mb << 20)
+        # highdicom's tables of the standard load on first use (about 0.35 s): now, not in the
+        # first study's latency.
+        warm_up()
+        _single_threaded_blas()
         # Selections and exports are audited (docs/operations.md); the node shares its log.
         self.audit = audit if audit is not None else AuditLog.from_config(cfg)
         self._stop = threading.Event()
@@ -90,13 +95,7 @@ class Pipeline:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        from iods.results import warm_up
-
         cfg = self.ctx.config.pipeline
-        # highdicom's tables of the standard load on first use (about 0.35 s): now, not in the
-        # first study's latency.
-        warm_up()
-        _single_threaded_blas()
         self.prefetch.start()
         requeued, _ = jobs.reset_after_restart(cfg.max_attempts)
         targets = [("scheduler", self._scheduler_loop), ("exporter", self._exporter_loop)]

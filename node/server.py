@@ -388,11 +388,11 @@ class Node:
         if self.config.pipeline.enabled:
             from node.pipeline import Pipeline
 
-            # Before the port opens: building the pipeline imports ONNX Runtime and highdicom and
-            # loads their tables (several hundred ms of CPU under the GIL), which used to run beside
-            # the first study received and slowed its C-STOREs by half.
+            # Built before the port opens: that imports ONNX Runtime and highdicom and loads their
+            # tables (several hundred ms of CPU under the GIL), which used to run beside the first
+            # study received and slowed its C-STOREs by a third. Its threads start once the port
+            # is bound, so a node that cannot bind never claims (and spends an attempt of) a job.
             self.pipeline = Pipeline(self.ctx, audit=self.security.audit)
-            self.pipeline.start()
         handlers = self.security.wrap(self.handlers())
         for listener in tls.listeners(self.config):
             self._servers.append(self.ae.start_server(listener.address, block=False, ssl_context=listener.ssl_context,
@@ -404,6 +404,8 @@ class Node:
                                   disk=self.security.diskguard.state)
         if self.config.metrics.enabled:
             self._metrics = metrics.start_metrics_server(self.config.metrics.port, self.config.metrics.bind)
+        if self.pipeline is not None:
+            self.pipeline.start()
         # The port is bound and the database open: tell systemd (no-op outside it).
         systemd.notify(f"READY=1\nSTATUS=serving {n.ae_title} on {n.bind}:{self.port}")
         self._watchdog = systemd.Watchdog()
