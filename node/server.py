@@ -182,6 +182,24 @@ def _send_pdu(self: DULServiceProvider, primitive: Any) -> None:
         pass  # the pipe is full: the reactor has wake-ups pending anyway
 
 
+_library_process_recv_primitive = DULServiceProvider._process_recv_primitive
+
+
+def _process_recv_primitive(self: DULServiceProvider) -> bool:
+    """``DULServiceProvider._process_recv_primitive``, but what the peer sent is read first.
+
+    pynetdicom 3.0.4's DUL reactor either sends one queued primitive or reads one PDU per turn,
+    sending first. During a burst of responses (3000 C-FIND matches) the send queue never
+    empties, so the peer's C-CANCEL stayed unread until every match had been sent: on a loaded
+    machine tests/test_query_retrieve.py::test_find_honours_c_cancel lost that race three times
+    in a row. Returning False while the socket has data makes the reactor read it this turn.
+    """
+    sock = self.socket
+    if sock is not None and self.to_provider_queue.qsize() and sock.ready:
+        return False
+    return _library_process_recv_primitive(self)
+
+
 def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     """``AssociationSocket.recv`` reading straight into one buffer instead of 4 KiB at a time.
 
@@ -209,6 +227,7 @@ def _tune_pynetdicom() -> None:
     * :class:`_ReactorClock` (pynetdicom 3.0: both reactor modules call ``time.sleep``) and
       :func:`_send_pdu`.
     * :func:`_recv` for ``AssociationSocket.recv``.
+    * :func:`_process_recv_primitive`: a peer's PDU (a C-CANCEL) is read before more is sent.
     """
     from pynetdicom import association, dul
 
@@ -219,6 +238,7 @@ def _tune_pynetdicom() -> None:
         dul.time = clock  # type: ignore[assignment]
         association.time = clock  # type: ignore[assignment]
         DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
+        DULServiceProvider._process_recv_primitive = _process_recv_primitive  # type: ignore[method-assign]
 
 
 def storage_sop_classes() -> list[str]:
