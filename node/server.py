@@ -388,8 +388,7 @@ class Node:
         log.info("[%s] association released by %s", assoc_id(event.assoc), _peer_desc(event.assoc))
 
     def _association_ended(self, assoc: Any) -> None:
-        groups = set(assoc.__dict__.get("_modelnode_groups") or ())
-        store_handler.association_ended(self.ctx, assoc)
+        groups = store_handler.association_ended(self.ctx, assoc)
         if self.pipeline is not None and groups:
             self.pipeline.association_ended(groups)
 

@@ -508,15 +508,18 @@ def _note_arrival(ctx: NodeContext, ds: Dataset, assoc: Any, calling: str) -> No
     groups.add(key)
 
 
-def association_ended(ctx: NodeContext, assoc: Any) -> None:
-    """Released or aborted: the series it delivered may now complete (see node.jobs)."""
+def association_ended(ctx: NodeContext, assoc: Any) -> set[str]:
+    """Released or aborted: the series it delivered may now complete (see node.jobs).
+
+    Returns the group keys (series or study UIDs) it delivered to, for the pipeline."""
     from node import jobs
 
-    groups = assoc.__dict__.get("_modelnode_groups")
+    groups = set(assoc.__dict__.get("_modelnode_groups") or ())
     if groups:
         with ctx.write_lock, write_transaction():
-            jobs.association_ended(set(groups))
-        groups.clear()
+            jobs.association_ended(groups)
+        assoc.__dict__["_modelnode_groups"].clear()
+    return groups
 
 
 def recover(ctx: NodeContext) -> int:
