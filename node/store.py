@@ -27,6 +27,7 @@ behind. Statuses, the duplicate policy and the crash guarantees: docs/dimse.md.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import io
@@ -34,8 +35,12 @@ import logging
 import os
 import re
 import struct
+import sys
+import tempfile
+import threading
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -116,25 +121,56 @@ class ReceiveFile:
     suffix=".dcm")`` and uses ``write``, ``file.flush``, ``name`` and ``close``; :func:`prepare`
     replaces that factory with this class so the file lands in the store's ``tmp/`` (same
     filesystem: a rename moves it into ``objects/``) under a name that start-up cleaning removes.
+
+    The file itself is usually one of the :data:`spares` created beforehand: creating a file
+    took 1 ms on this machine's ext4 while the previous instance's fsyncs were committing, on
+    the thread that reads the network.
+
+    Two things happen while the rest of the dataset is still arriving, so that the handler has
+    less to do once the last fragment is in (the sender waits for the answer meanwhile):
+
+    * with ``writeback`` on (the store fsyncs), the kernel is asked to start writing each
+      fragment to disk (``sync_file_range``), so the handler's fsync finds little left to do:
+      0.2 ms instead of 0.7 ms for a 512 KiB CT slice on this machine's disk;
+    * once the first 64 KiB are in, a worker parses the header from those bytes
+      (:attr:`header`, see :func:`_parse_head`).
     """
 
     directory: Path | None = None
+    writeback = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        import tempfile
-
         directory = self.directory or Path(tempfile.gettempdir())
-        fd, name = tempfile.mkstemp(prefix="rx-", suffix=".part", dir=directory)
+        fd, name = spares.take(directory) or tempfile.mkstemp(prefix="rx-", suffix=".part", dir=directory)
         # Unbuffered: P-DATA fragments are large and pynetdicom flushes after each one anyway.
         self.file = os.fdopen(fd, "wb", buffering=0)
         self.name = name
         self._hash = hashlib.sha256()
         self.size = 0
+        self._synced_to = 0
+        self.transfer_syntax: str | None = None  # set with the File Meta (_write_file_meta_info)
+        self._head: bytearray | None = bytearray()
+        self.header: Future[tuple[Dataset, int] | None] | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._hash.update(data)
+        written = self.file.write(data)
         self.size += len(data)
-        return self.file.write(data)
+        if self._head is not None:
+            self._collect_head(data)
+        if self.writeback and self.size - self._synced_to >= _WRITEBACK_STEP:
+            _start_writeback(self.file.fileno(), self._synced_to, self.size - self._synced_to)
+            self._synced_to = self.size
+        return written
+
+    def _collect_head(self, data: bytes | bytearray | memoryview) -> None:
+        head = self._head
+        assert head is not None
+        head += data[:_HEAD - len(head)]
+        if len(head) >= _HEAD:
+            self._head = None
+            if self.transfer_syntax and self.transfer_syntax != DeflatedExplicitVRLittleEndian:
+                self.header = _sync_pool.submit(_parse_head, bytes(head))
 
     def flush(self) -> None:
         pass
@@ -152,6 +188,98 @@ class ReceiveFile:
     @property
     def digest(self) -> str:
         return self._hash.hexdigest()
+
+
+class SpareFiles:
+    """Empty receive files, created by a worker ahead of need (see :class:`ReceiveFile`).
+
+    Named ``spare-*.part`` in the store's ``tmp/``: start-up cleaning removes them like any
+    partial file, and :meth:`clear` (at stop) removes the unused ones. A spare in use keeps its
+    name until it is renamed into ``objects/``.
+    """
+
+    def __init__(self, target: int = 2) -> None:
+        self.target = target
+        self._files: list[tuple[int, str]] = []
+        self._directory: Path | None = None
+        self._creating = 0
+        self._lock = threading.Lock()
+
+    def take(self, directory: Path) -> tuple[int, str] | None:
+        """A spare in ``directory`` (descriptor, path) or None; starts making the next one."""
+        with self._lock:
+            if directory != self._directory:
+                self._clear_locked()
+                self._directory = directory
+            taken = self._files.pop() if self._files else None
+            missing = self.target - len(self._files) - self._creating
+            self._creating += max(missing, 0)
+        for _ in range(missing):
+            _sync_pool.submit(self._create, directory)
+        return taken
+
+    def _create(self, directory: Path) -> None:
+        try:
+            fd, name = tempfile.mkstemp(prefix="spare-", suffix=".part", dir=directory)
+        except OSError as exc:  # the receive path makes its own file then, and reports
+            log.debug("cannot create a spare receive file in %s: %s", directory, exc)
+            with self._lock:
+                self._creating -= 1
+            return
+        with self._lock:
+            self._creating -= 1
+            if directory == self._directory:
+                self._files.append((fd, name))
+                return
+        _remove(fd, name)
+
+    def clear(self) -> None:
+        """Close and remove the spares not taken."""
+        with self._lock:
+            self._clear_locked()
+            self._directory = None
+
+    def _clear_locked(self) -> None:
+        for fd, name in self._files:
+            _remove(fd, name)
+        self._files.clear()
+
+
+def _remove(fd: int, name: str) -> None:
+    os.close(fd)
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
+
+
+spares = SpareFiles()
+
+# Start writeback once this much has arrived since the last start.
+_WRITEBACK_STEP = 256 << 10
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writing dirty pages, do not wait
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux), or None: then the fsync does all the work."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    # A hint only: a failure here (say, a filesystem without it) is caught by the fsync later.
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 class _ReceiveMeta:
@@ -198,6 +326,8 @@ def _create_file_meta(**kwargs: Any) -> Any:
 
 def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
     if isinstance(file_meta, _ReceiveMeta):
+        if isinstance(fp, ReceiveFile):
+            fp.transfer_syntax = str(file_meta.transfer_syntax)
         fp.write(encode_file_meta(file_meta.sop_class_uid, file_meta.sop_instance_uid, file_meta.transfer_syntax))
     else:
         _pydicom_write_file_meta_info(fp, file_meta, enforce_standard)
@@ -217,6 +347,7 @@ def prepare(ctx: NodeContext) -> None:
     _preallocate_wal(ctx.app.db)
     _make_fanout(store)
     ReceiveFile.directory = store.tmp
+    ReceiveFile.writeback = store.fsync
     dimse_messages.NamedTemporaryFile = ReceiveFile  # type: ignore[attr-defined]
     dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
     dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
@@ -329,7 +460,8 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
     # worker parses the header, so the parse costs no time. Opened here, by descriptor, so the
     # worker never needs the path.
     fh = open(os.open(src, os.O_RDONLY), "rb")  # noqa: SIM115 (closed by _parse_and_close)
-    parsing = _sync_pool.submit(_parse_and_close, fh, size, transfer_syntax)
+    header = received.header if received is not None else None
+    parsing = _sync_pool.submit(_parse_and_close, fh, size, transfer_syntax, header)
     try:
         try:
             durable.sync()
@@ -366,9 +498,13 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
     return stored, is_model
 
 
-def _parse_and_close(fh: BinaryIO, size: int, transfer_syntax: str) -> Dataset:
+def _parse_and_close(fh: BinaryIO, size: int, transfer_syntax: str,
+                     header: Future[tuple[Dataset, int] | None] | None = None) -> Dataset:
     try:
-        return _parse(fh, size, transfer_syntax)
+        # The header parsed while the data arrived (ReceiveFile), when it could be; submitted
+        # before this task, so a worker is on it or done with it: waiting cannot deadlock.
+        early = header.result() if header is not None else None
+        return _parse(fh, size, transfer_syntax, early)
     finally:
         fh.close()
 
@@ -544,11 +680,12 @@ def recover(ctx: NodeContext) -> int:
     return removed
 
 
-def _parse(fh: BinaryIO, size: int, transfer_syntax: str) -> Dataset:
+def _parse(fh: BinaryIO, size: int, transfer_syntax: str, header: tuple[Dataset, int] | None = None) -> Dataset:
     """The dataset's header, its structure checked to the last byte; pixel data is not read.
 
-    The header is parsed from the first 64 KiB in memory when it ends there (at the pixel data);
-    the pixel data element and whatever follows it are then walked without reading values.
+    The header is parsed from the first 64 KiB in memory when it ends there (at the pixel data),
+    or taken from ``header`` (:func:`_parse_head`, done while the rest arrived); the pixel data
+    element and whatever follows it are then walked without reading values.
     """
     try:
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
@@ -559,7 +696,7 @@ def _parse(fh: BinaryIO, size: int, transfer_syntax: str) -> Dataset:
             ds = dcmread(fh, defer_size=_DEFER)
             _check_structure(ds, inflated)
         else:
-            ds, pos = _read_header(fh, size)
+            ds, pos = header if header is not None else _read_header(fh, size)
             _check_structure(ds, size)
             if pos < size:
                 _check_tail(fh, ds, pos, size, transfer_syntax)
@@ -580,6 +717,22 @@ def _parse(fh: BinaryIO, size: int, transfer_syntax: str) -> Dataset:
 _PIXEL_TAGS_LE = {struct.pack("<HH", 0x7FE0, e) for e in (0x0008, 0x0009, 0x0010)}
 _PIXEL_TAGS_BE = {struct.pack(">HH", 0x7FE0, e) for e in (0x0008, 0x0009, 0x0010)}
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR", b"SQ"}
+
+
+def _parse_head(head: bytes) -> tuple[Dataset, int] | None:
+    """The header parsed from the first bytes of a file that is still arriving, if it ends there.
+
+    Returns the dataset and the offset of its pixel data element, as :func:`_read_header` does.
+    None when the header goes on past these bytes or does not parse: the handler then parses
+    the whole file itself, and a refusal gets its reason from that parse.
+    """
+    buf = io.BytesIO(head)
+    try:
+        ds = dcmread(buf, stop_before_pixels=True, defer_size=_DEFER)
+    except Exception:  # noqa: BLE001 (any failure means: parse the complete file later)
+        return None
+    pos = buf.tell()
+    return (ds, pos) if head[pos:pos + 4] in _PIXEL_TAGS_LE | _PIXEL_TAGS_BE else None
 
 
 def _read_header(fh: BinaryIO, size: int) -> tuple[Dataset, int]:

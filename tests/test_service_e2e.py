@@ -260,7 +260,8 @@ def test_sigterm_past_the_shutdown_timeout_aborts_cleanly(tmp_path):
         assert 20 <= len(sender.acked) < 200
         svc.spawn()
         assert set(sender.acked) <= svc.sop_uids()
-        tmp_left = list((svc.data_dir / "tmp").glob("rx-*")) if (svc.data_dir / "tmp").exists() else []
+        tmp_dir = svc.data_dir / "tmp"
+        tmp_left = [p for p in tmp_dir.glob("*.part") if p.stat().st_size] if tmp_dir.exists() else []
         assert tmp_left == []
 
 

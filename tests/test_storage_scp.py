@@ -99,7 +99,9 @@ def object_files(node: NodeProcess) -> set[Path]:
 
 
 def tmp_leftovers(node: NodeProcess) -> list[Path]:
-    return [p for p in (node.data_dir / "tmp").iterdir()]
+    """Files in tmp/ but the node's empty spare receive files (node.store.SpareFiles)."""
+    return [p for p in (node.data_dir / "tmp").iterdir()
+            if not (p.name.startswith("spare-") and p.stat().st_size == 0)]
 
 
 def storescu(node: NodeProcess, *args: str, aet: str = "STORESCU", timeout: float = 120) -> subprocess.CompletedProcess:
