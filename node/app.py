@@ -27,8 +27,9 @@ class App:
 def open_app(config: Config) -> App:
     data_dir = config.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    # No clean_partial() here: every CLI command opens the app, and a running node has files
+    # in tmp/ that it is receiving into. The node cleans tmp/ when it starts (node.store.prepare).
     store = ObjectStore(data_dir, fsync=config.storage.fsync)
-    store.clean_partial()
     db = open_database(config.database_url)
     registry = Registry(store, max_payload=config.models.max_payload_bytes)
     return App(config=config, db=db, store=store, registry=registry)

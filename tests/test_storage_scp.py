@@ -294,7 +294,9 @@ def test_model_object_is_registered(node, tmp_path):
     assert uid in listed.stdout and "scp-test-seg" in listed.stdout
     assert query(node, "SELECT s.is_model FROM instance i JOIN series s ON s.id = i.series_id WHERE i.sop_uid = ?",
                  uid) == [(1,)]
-    # Sending the same model again changes nothing and succeeds.
+    # Sending the same model again changes nothing and succeeds. The CLI command above opened
+    # the same data directory; it must leave the node's files in tmp/ (its spare receive files)
+    # alone.
     res = storescu(node, "-R", str(dcm))
     assert "Received Store Response (Success)" in res.stderr
     assert query(node, "SELECT count(*) FROM modelrecord WHERE uid = ?", uid) == [(1,)]
