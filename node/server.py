@@ -50,7 +50,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import AssociationSocket
 
 from node import store as store_handler
-from node import store_response, systemd
+from node import store_dimse, systemd
 from node.app import App, open_app
 from node.config import Config, ConfigError
 from node.context import NodeContext
@@ -246,14 +246,14 @@ def _tune_pynetdicom() -> None:
       :func:`_send_pdu`.
     * :func:`_recv` for ``AssociationSocket.recv``.
     * :func:`_process_recv_primitive`: a peer's PDU (a C-CANCEL) is read before more is sent.
-    * C-STORE-RSP encoded by hand (:mod:`node.store_response`).
+    * C-STORE-RSP encoded by hand (:mod:`node.store_dimse`).
     * :func:`_copy_contexts` for the per-association copy of the supported contexts.
     """
     from pynetdicom import association, dul, transport
 
     _config.STORE_RECV_CHUNKED_DATASET = True
     AssociationSocket.recv = _recv  # type: ignore[method-assign]
-    store_response.install()
+    store_dimse.install()
     transport.deepcopy = _copy_contexts  # type: ignore[attr-defined]
     if not isinstance(dul.time, _ReactorClock):
         clock = _ReactorClock()
