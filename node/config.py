@@ -133,6 +133,8 @@ class PipelineSection:
     poll_seconds: float = 0.5
     # Read and decode a series while its quiet timer runs (node.prefetch); 0 turns it off.
     prefetch_mb: int = 512
+    # Also select and run the model then (node.headstart); needs the prefetch.
+    head_start: bool = True
 
 
 @dataclass

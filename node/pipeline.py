@@ -77,9 +77,13 @@ class Pipeline:
         self.normaliser = AnatomyNormaliser(extra_synonyms=cfg.anatomy.synonyms)
         self._send = sender or self._c_store
         from iods.results import warm_up
+        from node.headstart import HeadStart
         from node.prefetch import Prefetcher
 
-        self.prefetch = Prefetcher(ctx.app.store, cfg.pipeline.prefetch_mb << 20)
+        self.head_start = HeadStart() if cfg.pipeline.head_start else None
+        self.prefetch = Prefetcher(ctx.app.store, cfg.pipeline.prefetch_mb << 20,
+                                   after=self._head_start_groups if self.head_start is not None else None)
+        self._running = 0  # jobs being run by the workers (the head start waits for none)
         # highdicom's tables of the standard load on first use (about 0.35 s): now, not in the
         # first study's latency.
         warm_up()
@@ -116,6 +120,8 @@ class Pipeline:
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
         self.prefetch.stop()
+        if self.head_start is not None:
+            self.head_start.clear()
 
     def wake(self) -> None:
         self._wake.set()
@@ -158,7 +164,11 @@ class Pipeline:
                 self._wake.wait(cfg.poll_seconds)
                 self._wake.clear()
                 continue
-            self.run_job(job)
+            self._running += 1
+            try:
+                self.run_job(job)
+            finally:
+                self._running -= 1
 
     def _exporter_loop(self) -> None:
         # Woken as soon as a worker queues results; the poll picks up retries whose backoff ran out.
@@ -227,27 +237,32 @@ class Pipeline:
             q = q.where(index.Series.series_uid == job.group_key)
         return list(q.order_by(index.Series.series_uid))
 
-    def _load_series(self, series: index.Series) -> list[Dataset]:
+    def _load_series(self, series: index.Series, *, keep: bool = False) -> tuple[list[Dataset], tuple[str, ...]]:
+        """The series' datasets and the sorted digests of their files (prefetched ones taken,
+        or only looked at with ``keep``)."""
         rows = index.Instance.select().where(index.Instance.series == series).order_by(index.Instance.sop_uid)
         store = self.ctx.app.store
-        return [self.prefetch.take(r.digest) or pydicom.dcmread(store.path(r.digest)) for r in rows]
+        get = self.prefetch.peek if keep else self.prefetch.take
+        datasets = [get(r.digest) or pydicom.dcmread(store.path(r.digest)) for r in rows]
+        return datasets, tuple(sorted(r.digest for r in rows))
+
+    def _select(self, datasets: list[Dataset], called_ae: str) -> Selection:
+        models = self._models()
+        seen = image_anatomy(datasets, models, self._session, self.normaliser)
+        facts = SeriesFacts.from_datasets(datasets, normaliser=self.normaliser, called_ae=called_ae,
+                                          image_anatomy=seen)
+        return select(facts, models, self.ctx.config.selection, normaliser=self.normaliser)
 
     def _models(self) -> list[tuple[str, ModelCard]]:
         return [(r.uid, r.card) for r in self.ctx.app.registry.all_with_terms()]
 
     def _run_series(self, job: jobs.Job, series: index.Series) -> SeriesResult:
-        from models.infer import infer
-
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        datasets = self._load_series(series)
+        datasets, digests = self._load_series(series)
         timings["load"] = time.perf_counter() - t
         t = time.perf_counter()
-        models = self._models()
-        seen = image_anatomy(datasets, models, self._session, self.normaliser)
-        facts = SeriesFacts.from_datasets(datasets, normaliser=self.normaliser, called_ae=job.called_ae,
-                                          image_anatomy=seen)
-        sel = select(facts, models, self.ctx.config.selection, normaliser=self.normaliser)
+        sel = self._select(datasets, job.called_ae)
         timings["select"] = time.perf_counter() - t
         metrics.SELECTIONS.labels("model" if sel.best else "no_model").inc()
         self.audit.record(audit_events.SELECTION, job=job.id, series_uid=series.series_uid,
@@ -262,19 +277,72 @@ class Pipeline:
                             selection=json.dumps([{"series_uid": series.series_uid, **sel.to_dict()}]))
             jobs.transition(job.id, "running")
         t = time.perf_counter()
-        model_path = self.ctx.app.registry.path(record)
-        card = record.card
-        loaded = self.sessions.get(record.uid, self._verified_onnx(model_path), self._providers_for(record))
-        timings["session"] = time.perf_counter() - t
-        t = time.perf_counter()
-        result_ds, infer_timings = infer(datasets, card, record.uid, loaded, batch_size=self.ctx.config.inference.batch_size)
-        timings.update(infer_timings)
-        timings["inference_total"] = time.perf_counter() - t
+        ahead = self.head_start.take(series.series_uid, digests, record.uid) if self.head_start is not None else None
+        if ahead is not None:
+            # Same model, same files: the result computed during the quiet time (node.headstart).
+            result_ds = ahead.result
+            timings.update(ahead.timings)
+            timings["computed_ahead"] = 1.0
+            timings["waited_for_head_start"] = time.perf_counter() - t
+            log.info("job %d: result computed during the quiet time taken (%d instance(s), model %s)", job.id,
+                     len(digests), record.name)
+        else:
+            result_ds, more = self._infer(record, datasets)
+            timings.update(more)
         metrics.INFERENCE_SECONDS.observe(timings["inference_total"])
         t = time.perf_counter()
         uid = self._store_result(result_ds)
         timings["store_result"] = time.perf_counter() - t
         return SeriesResult(series.series_uid, sel, [uid], timings)
+
+    def _infer(self, record: Any, datasets: list[Dataset]) -> tuple[Dataset, dict[str, float]]:
+        from models.infer import infer
+
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        loaded = self.sessions.get(record.uid, self._verified_onnx(self.ctx.app.registry.path(record)),
+                                   self._providers_for(record))
+        timings["session"] = time.perf_counter() - t
+        t = time.perf_counter()
+        result_ds, infer_timings = infer(datasets, record.card, record.uid, loaded,
+                                         batch_size=self.ctx.config.inference.batch_size)
+        timings.update(infer_timings)
+        timings["inference_total"] = time.perf_counter() - t
+        return result_ds, timings
+
+    # ------------------------------------------------------------------ head start
+
+    def _head_start_groups(self, keys: list[str]) -> None:
+        """On the prefetcher's thread, once ``keys`` are decoded: compute their results ahead."""
+        assert self.head_start is not None
+        for key in keys:
+            if self._stop.is_set() or self._running:
+                return  # a job is using the CPU; this would only slow it down
+            arrival = jobs.Arrival.get_or_none(jobs.Arrival.group_key == key)
+            if arrival is None or arrival.open_associations > 0:
+                continue  # already a job (it computes for itself), or more is arriving
+            q = index.Series.select().where(index.Series.is_model == False)  # noqa: E712
+            if arrival.group_by == "study":
+                q = q.join(index.Study).where(index.Study.study_uid == key)
+            else:
+                q = q.where(index.Series.series_uid == key)
+            for series in q.order_by(index.Series.series_uid):
+                self.head_start.compute(series.series_uid,
+                                        lambda s=series, ae=arrival.called_ae: self._compute_ahead(s, ae))
+
+    def _compute_ahead(self, series: index.Series, called_ae: str) -> Any:
+        from node.headstart import Ahead
+
+        t0 = time.perf_counter()
+        datasets, digests = self._load_series(series, keep=True)
+        sel = self._select(datasets, called_ae)
+        if sel.best is None:
+            return None
+        record = self.ctx.app.registry.get(sel.best.uid)
+        result_ds, timings = self._infer(record, datasets)
+        log.info("head start: %s computed for series %s (%d instance(s)) in %.2f s during its quiet time",
+                 record.name, jobs._short(series.series_uid), len(digests), time.perf_counter() - t0)
+        return Ahead(series.series_uid, digests, record.uid, result_ds, timings)
 
     def _session(self, uid: str):
         record = self.ctx.app.registry.get(uid)

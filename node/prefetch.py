@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pydicom
@@ -49,9 +49,11 @@ class _Entry:
 class Prefetcher:
     """One thread that reads and decodes the instances of groups whose association ended."""
 
-    def __init__(self, store: ObjectStore, budget_bytes: int) -> None:
+    def __init__(self, store: ObjectStore, budget_bytes: int,
+                 after: Callable[[list[str]], None] | None = None) -> None:
         self.store = store
         self.budget = budget_bytes
+        self.after = after  # called on this thread with the group keys once they are decoded
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()
@@ -95,6 +97,12 @@ class Prefetcher:
             self.hits += 1
             return entry.dataset
 
+    def peek(self, digest: str) -> Dataset | None:
+        """Like :meth:`take`, but the dataset stays for the job (the head start reads it)."""
+        with self._lock:
+            entry = self._cache.get(digest)
+            return entry.dataset if entry is not None else None
+
     @property
     def bytes_held(self) -> int:
         with self._lock:
@@ -111,6 +119,11 @@ class Prefetcher:
                 self._prefetch(keys)
             except Exception:  # a prefetch is an optimisation: the job reads the files itself
                 log.exception("prefetch of %d group(s) failed", len(keys))
+            if self.after is not None:
+                try:
+                    self.after(keys)
+                except Exception:  # the same: an optimisation (node.headstart)
+                    log.exception("work after the prefetch of %d group(s) failed", len(keys))
 
     def _prefetch(self, keys: list[str]) -> None:
         self._expire()
