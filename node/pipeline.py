@@ -83,7 +83,8 @@ class Pipeline:
         self.head_start = HeadStart() if cfg.pipeline.head_start else None
         self.prefetch = Prefetcher(ctx.app.store, cfg.pipeline.prefetch_mb << 20,
                                    after=self._head_start_groups if self.head_start is not None else None)
-        self._running = 0  # jobs being run by the workers (the head start waits for none)
+        self._running = 0  # jobs being run by the workers (a head start starts only when none is)
+        self._running_lock = threading.Lock()
         # highdicom's tables of the standard load on first use (about 0.35 s): now, not in the
         # first study's latency.
         warm_up()
@@ -164,11 +165,13 @@ class Pipeline:
                 self._wake.wait(cfg.poll_seconds)
                 self._wake.clear()
                 continue
-            self._running += 1
+            with self._running_lock:
+                self._running += 1
             try:
                 self.run_job(job)
             finally:
-                self._running -= 1
+                with self._running_lock:
+                    self._running -= 1
 
     def _exporter_loop(self) -> None:
         # Woken as soon as a worker queues results; the poll picks up retries whose backoff ran out.
