@@ -194,7 +194,7 @@ class Pipeline:
     def _run_job(self, job: jobs.Job) -> None:
         t_start = time.perf_counter()
         try:
-            series_rows = self._series_of(job)
+            series_rows = self._series_of(job.group_by, job.group_key)
             results: list[SeriesResult] = []
             for series in series_rows:
                 results.append(self._run_series(job, series))
@@ -232,12 +232,13 @@ class Pipeline:
             with self.ctx.write_lock:
                 jobs.transition(job.id, "failed", error=f"{type(exc).__name__}: {exc}")
 
-    def _series_of(self, job: jobs.Job) -> list[index.Series]:
+    def _series_of(self, group_by: str, group_key: str) -> list[index.Series]:
+        """The image series of a group (a series, or every series of a study)."""
         q = index.Series.select().where(index.Series.is_model == False)  # noqa: E712
-        if job.group_by == "study":
-            q = q.join(index.Study).where(index.Study.study_uid == job.group_key)
+        if group_by == "study":
+            q = q.join(index.Study).where(index.Study.study_uid == group_key)
         else:
-            q = q.where(index.Series.series_uid == job.group_key)
+            q = q.where(index.Series.series_uid == group_key)
         return list(q.order_by(index.Series.series_uid))
 
     def _load_series(self, series: index.Series, *, keep: bool = False) -> tuple[list[Dataset], tuple[str, ...]]:
@@ -324,12 +325,7 @@ class Pipeline:
             arrival = jobs.Arrival.get_or_none(jobs.Arrival.group_key == key)
             if arrival is None or arrival.open_associations > 0:
                 continue  # already a job (it computes for itself), or more is arriving
-            q = index.Series.select().where(index.Series.is_model == False)  # noqa: E712
-            if arrival.group_by == "study":
-                q = q.join(index.Study).where(index.Study.study_uid == key)
-            else:
-                q = q.where(index.Series.series_uid == key)
-            for series in q.order_by(index.Series.series_uid):
+            for series in self._series_of(arrival.group_by, key):
                 self.head_start.compute(series.series_uid,
                                         lambda s=series, ae=arrival.called_ae: self._compute_ahead(s, ae))
 

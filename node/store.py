@@ -716,6 +716,7 @@ def _parse(fh: BinaryIO, size: int, transfer_syntax: str, header: tuple[Dataset,
 
 _PIXEL_TAGS_LE = {struct.pack("<HH", 0x7FE0, e) for e in (0x0008, 0x0009, 0x0010)}
 _PIXEL_TAGS_BE = {struct.pack(">HH", 0x7FE0, e) for e in (0x0008, 0x0009, 0x0010)}
+_PIXEL_TAGS = _PIXEL_TAGS_LE | _PIXEL_TAGS_BE
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR", b"SQ"}
 
 
@@ -732,22 +733,20 @@ def _parse_head(head: bytes) -> tuple[Dataset, int] | None:
     except Exception:  # noqa: BLE001 (any failure means: parse the complete file later)
         return None
     pos = buf.tell()
-    return (ds, pos) if head[pos:pos + 4] in _PIXEL_TAGS_LE | _PIXEL_TAGS_BE else None
+    return (ds, pos) if head[pos:pos + 4] in _PIXEL_TAGS else None
 
 
 def _read_header(fh: BinaryIO, size: int) -> tuple[Dataset, int]:
     """Parse up to the pixel data; returns the dataset and the file offset where it stopped."""
     head = fh.read(_HEAD)
-    buf = io.BytesIO(head)
-    try:
+    if len(head) == size:  # the whole file is in memory: its parse errors are the answer
+        buf = io.BytesIO(head)
         ds = dcmread(buf, stop_before_pixels=True, defer_size=_DEFER)
-        pos = buf.tell()
-        if len(head) == size or head[pos:pos + 4] in _PIXEL_TAGS_LE | _PIXEL_TAGS_BE:
-            return ds, pos
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, IndexError, struct.error):
-        if len(head) == size:
-            raise
-    # The header goes on past the first bytes: parse it from the file.
+        return ds, buf.tell()
+    got = _parse_head(head)
+    if got is not None:
+        return got
+    # The header goes on past the first bytes (or they do not parse): parse it from the file.
     fh.seek(0)
     ds = dcmread(fh, stop_before_pixels=True, defer_size=_DEFER)
     return ds, fh.tell()
