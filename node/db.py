@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import peewee
 from playhouse.db_url import connect
@@ -31,6 +32,62 @@ SQLITE_PRAGMAS = {
 class BaseModel(peewee.Model):
     class Meta:
         database = database_proxy
+
+
+def _db_values(model: type[BaseModel], values: dict[str, Any]) -> list[Any]:
+    """Column values as peewee would bind them (booleans, datetimes, foreign keys)."""
+    fields = model._meta.fields
+    return [fields[k].db_value(v) for k, v in values.items()]
+
+
+class Statements:
+    """Hand-written SQL for the C-STORE hot path (node.index, node.jobs), one per database.
+
+    peewee spends about 0.3 ms composing each query; a C-STORE needs five of them, which was most
+    of the per-instance cost of indexing (2.6 ms of 3 ms, 200-slice CT). The statements are plain
+    SQL with double-quoted identifiers and the database's own placeholder (``?`` in the SQL
+    given here is replaced by it), valid in SQLite and PostgreSQL alike. Values go through the
+    tables' own field conversions.
+    """
+
+    def __init__(self, db: peewee.Database) -> None:
+        self.db = db
+        self.p = db.param
+        self.returning = isinstance(db, peewee.PostgresqlDatabase)
+
+    def insert(self, model: type[BaseModel], values: dict[str, Any]) -> int:
+        table = model._meta.table_name
+        cols = ", ".join(f'"{model._meta.fields[k].column_name}"' for k in values)
+        marks = ", ".join(self.p for _ in values)
+        sql = f'INSERT INTO "{table}" ({cols}) VALUES ({marks})'
+        if self.returning:
+            sql += ' RETURNING "id"'
+        cursor = self.db.execute_sql(sql, _db_values(model, values))
+        return cursor.fetchone()[0] if self.returning else cursor.lastrowid
+
+    def update(self, model: type[BaseModel], row_id: int, values: dict[str, Any]) -> None:
+        sets = ", ".join(f'"{model._meta.fields[k].column_name}" = {self.p}' for k in values)
+        sql = f'UPDATE "{model._meta.table_name}" SET {sets} WHERE "id" = {self.p}'
+        self.db.execute_sql(sql, [*_db_values(model, values), row_id])
+
+    def first(self, sql: str, params: list[Any]) -> tuple | None:
+        return self.db.execute_sql(sql.replace("?", self.p), params).fetchone()
+
+    def execute(self, sql: str, params: list[Any]) -> int:
+        """Run ``sql``; returns the number of rows it changed."""
+        return self.db.execute_sql(sql.replace("?", self.p), params).rowcount
+
+
+_statements: dict[int, Statements] = {}
+
+
+def statements() -> Statements:
+    """The :class:`Statements` of the database the proxy points at."""
+    db = database_proxy.obj
+    st = _statements.get(id(db))
+    if st is None or st.db is not db:
+        st = _statements[id(db)] = Statements(db)
+    return st
 
 
 def write_transaction(db: peewee.Database | None = None) -> peewee._atomic:

@@ -30,7 +30,7 @@ from typing import Any
 
 import peewee
 
-from node.db import BaseModel, database_proxy, write_transaction
+from node.db import BaseModel, database_proxy, statements, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,11 @@ def note_arrival(group_key: str, *, group_by: str, study_uid: str, called_ae: st
     """Record one stored instance for ``group_key`` (call in the C-STORE transaction)."""
     now = _now()
     inc = 1 if new_association else 0
-    updated = (Arrival.update(last_received=now, instances=Arrival.instances + 1,
-                              open_associations=Arrival.open_associations + inc)
-               .where(Arrival.group_key == group_key).execute())
+    # Plain SQL: once per stored instance, and peewee took 0.4 ms to compose this UPDATE.
+    updated = statements().execute(
+        'UPDATE "arrival" SET "last_received" = ?, "instances" = "instances" + 1, '
+        '"open_associations" = "open_associations" + ? WHERE "group_key" = ?',
+        [Arrival.last_received.db_value(now), inc, group_key])
     if not updated:
         Arrival.create(group_key=group_key, group_by=group_by, study_uid=study_uid, called_ae=called_ae,
                        calling_ae=calling_ae, first_received=now, last_received=now, instances=1,

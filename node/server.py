@@ -21,22 +21,16 @@ import copy
 import importlib
 import itertools
 import logging
-import os
-import select
 import signal
-import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, cast
+from typing import Any
 
 from pydicom import config as pydicom_config
 from pydicom import uid as pdu
 from pynetdicom import AE, _config, evt
-from pynetdicom.association import Association
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -47,19 +41,13 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
-from pynetdicom.transport import AssociationSocket
 
+from node import reactor, store_dimse, systemd
 from node import store as store_handler
-from node import store_dimse, systemd
 from node.app import App, open_app
 from node.config import Config, ConfigError
 from node.context import NodeContext
 from node.db import _redact
-
-try:
-    import ssl as _ssl
-except ImportError:  # pragma: no cover (Python built without OpenSSL)
-    _ssl = None  # type: ignore[assignment]
 
 log = logging.getLogger("modelnode.server")
 
@@ -93,134 +81,6 @@ GET_CLASSES = (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrie
 _assoc_ids = itertools.count(1)
 
 
-class _ReactorClock:
-    """Stand-in for the ``time`` module inside pynetdicom's DUL and association reactors.
-
-    Both reactors poll: each idle turn of their loops sleeps 1 ms (``time.sleep(0.001)``), and
-    a C-STORE goes through several turns (data arrives, message decoded, response queued,
-    response sent), so on loopback pynetdicom spent more time asleep than working: a bare
-    pynetdicom SCP took 1.10 s for 200 CT slices with 1 ms turns, 0.67 s with 0.1 ms turns
-    (2 cores, storescu), and shorter sleeps burn the CPU that the handler and the sender need.
-    Instead each reactor now sleeps until what it waits for happens (1 ms at most, as before):
-
-    * the association reactor, until the DIMSE layer queues a message;
-    * the DUL reactor, until its socket is readable or a primitive is queued for sending
-      (:func:`_send_pdu` writes a byte to the association's wake-up pipe).
-
-    Every other sleep passes through unchanged.
-    """
-
-    LIBRARY_POLL = 0.001
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    def sleep(self, seconds: float) -> None:
-        if seconds != self.LIBRARY_POLL:
-            time.sleep(seconds)
-            return
-        thread = threading.current_thread()
-        if isinstance(thread, DULServiceProvider):
-            _dul_wait(thread, seconds)
-        elif isinstance(thread, Association):
-            queue = thread.dimse.msg_queue
-            with queue.not_empty:
-                if not queue._qsize():
-                    queue.not_empty.wait(seconds)
-        else:
-            time.sleep(seconds)
-
-
-def _wake_pipe(dul: DULServiceProvider) -> tuple[int, int]:
-    pipe = getattr(dul, "_modelnode_wake", None)
-    if pipe is None:
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        pipe = dul._modelnode_wake = (r, w)
-        # Closed with the DUL object (one pipe per association).
-        weakref.finalize(dul, _close_pipe, r, w)
-    return pipe
-
-
-def _close_pipe(r: int, w: int) -> None:
-    for fd in (r, w):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _dul_wait(dul: DULServiceProvider, timeout: float) -> None:
-    if not dul.to_provider_queue.empty():
-        return
-    sock = getattr(dul.socket, "socket", None)
-    r, _ = _wake_pipe(dul)
-    if sock is None or sock.fileno() < 0:
-        select.select([r], [], [], timeout)
-    elif _ssl is not None and isinstance(sock, _ssl.SSLSocket) and sock.pending():
-        return  # decrypted data already buffered: select() cannot see it
-    else:
-        try:
-            select.select([sock, r], [], [], timeout)
-        except (OSError, ValueError):
-            time.sleep(timeout)
-    try:
-        os.read(r, 4096)  # drain the wake-ups
-    except (BlockingIOError, OSError):
-        pass
-
-
-_library_send_pdu = DULServiceProvider.send_pdu
-
-
-def _send_pdu(self: DULServiceProvider, primitive: Any) -> None:
-    """``DULServiceProvider.send_pdu``, then wake the DUL reactor (see :class:`_ReactorClock`)."""
-    _library_send_pdu(self, primitive)
-    try:
-        os.write(_wake_pipe(self)[1], b"\0")
-    except (BlockingIOError, OSError):
-        pass  # the pipe is full: the reactor has wake-ups pending anyway
-
-
-_library_process_recv_primitive = DULServiceProvider._process_recv_primitive
-
-
-def _process_recv_primitive(self: DULServiceProvider) -> bool:
-    """``DULServiceProvider._process_recv_primitive``, but what the peer sent is read first.
-
-    pynetdicom 3.0.4's DUL reactor either sends one queued primitive or reads one PDU per turn,
-    sending first. During a burst of responses (3000 C-FIND matches) the send queue never
-    empties, so the peer's C-CANCEL stayed unread until every match had been sent: on a loaded
-    machine tests/test_query_retrieve.py::test_find_honours_c_cancel lost that race three times
-    in a row. Returning False while the socket has data makes the reactor read it this turn.
-    """
-    sock = self.socket
-    if sock is not None and self.to_provider_queue.qsize() and sock.ready:
-        return False
-    return _library_process_recv_primitive(self)
-
-
-def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` reading straight into one buffer instead of 4 KiB at a time.
-
-    pynetdicom 3.0 reads a PDU with ``socket.recv(4096)`` in a loop and extends a bytearray:
-    25,600 calls through Python for a 100 MiB study. Same contract: blocks until ``nr_bytes``
-    are read, returns what it has if the peer closes, lets socket errors through.
-    """
-    sock = cast(socket.socket, self.socket)
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    got = 0
-    while got < nr_bytes:
-        n = sock.recv_into(view[got:], nr_bytes - got)
-        if not n:
-            del view
-            return buf[:got]
-        got += n
-    return buf
-
-
 def _copy_contexts(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     """``copy.deepcopy`` for the one call in ``pynetdicom.transport``: the server's contexts.
 
@@ -242,25 +102,16 @@ def _tune_pynetdicom() -> None:
     """Process-wide pynetdicom settings for a node (set when a :class:`Node` is built).
 
     * Datasets go to a temporary file as they arrive, not into memory (a model can be 1 GiB).
-    * :class:`_ReactorClock` (pynetdicom 3.0: both reactor modules call ``time.sleep``) and
-      :func:`_send_pdu`.
-    * :func:`_recv` for ``AssociationSocket.recv``.
-    * :func:`_process_recv_primitive`: a peer's PDU (a C-CANCEL) is read before more is sent.
-    * C-STORE-RSP encoded by hand (:mod:`node.store_dimse`).
+    * The DUL and association reactors tuned (:mod:`node.reactor`).
+    * C-STORE-RQ decoded and C-STORE-RSP encoded by hand (:mod:`node.store_dimse`).
     * :func:`_copy_contexts` for the per-association copy of the supported contexts.
     """
-    from pynetdicom import association, dul, transport
+    from pynetdicom import transport
 
     _config.STORE_RECV_CHUNKED_DATASET = True
-    AssociationSocket.recv = _recv  # type: ignore[method-assign]
+    reactor.install()
     store_dimse.install()
     transport.deepcopy = _copy_contexts  # type: ignore[attr-defined]
-    if not isinstance(dul.time, _ReactorClock):
-        clock = _ReactorClock()
-        dul.time = clock  # type: ignore[assignment]
-        association.time = clock  # type: ignore[assignment]
-        DULServiceProvider.send_pdu = _send_pdu  # type: ignore[method-assign]
-        DULServiceProvider._process_recv_primitive = _process_recv_primitive  # type: ignore[method-assign]
 
 
 def storage_sop_classes() -> list[str]:

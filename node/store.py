@@ -170,7 +170,7 @@ class ReceiveFile:
         if len(head) >= _HEAD:
             self._head = None
             if self.transfer_syntax and self.transfer_syntax != DeflatedExplicitVRLittleEndian:
-                self.header = _sync_pool.submit(_parse_head, bytes(head))
+                self.header = _sync_pool.submit(_parse_head, bytes(head), self.transfer_syntax)
 
     def flush(self) -> None:
         pass
@@ -466,7 +466,7 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
         try:
             durable.sync()
         finally:
-            ds = parsing.result()  # (also on a failed fsync: the worker must be done with the file)
+            ds, entry = parsing.result()  # (also on a failed fsync: the worker must be done with the file)
         ds_class = str(ds.get("SOPClassUID", "") or "")
         ds_uid = str(ds.get("SOPInstanceUID", "") or "")
         if ds_class != rq_class:
@@ -488,7 +488,7 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
                 raise StoreRefused(MODEL_REFUSED, f"{exc.code}: {exc}") from exc
 
         # 4. Into objects/ and into the index, in one transaction, one writer at a time.
-        old_digest = _index(ctx, ds, durable, transfer_syntax, calling, is_model, card, event.assoc)
+        old_digest = _index(ctx, ds, durable, transfer_syntax, calling, is_model, card, event.assoc, entry)
         stored = durable.finish()
     except BaseException:
         durable.abandon(ctx)
@@ -499,14 +499,23 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
 
 
 def _parse_and_close(fh: BinaryIO, size: int, transfer_syntax: str,
-                     header: Future[tuple[Dataset, int] | None] | None = None) -> Dataset:
+                     header: Future[tuple[Dataset, int] | None] | None = None,
+                     ) -> tuple[Dataset, index.IndexEntry | None]:
+    """The dataset (see :func:`_parse`) and, for an image, its index entry (None if it cannot
+    be read here: :func:`index.index_instance` then reads it and reports the error)."""
     try:
         # The header parsed while the data arrived (ReceiveFile), when it could be; submitted
         # before this task, so a worker is on it or done with it: waiting cannot deadlock.
         early = header.result() if header is not None else None
-        return _parse(fh, size, transfer_syntax, early)
+        ds = _parse(fh, size, transfer_syntax, early)
     finally:
         fh.close()
+    if model_object.is_model_object(ds):
+        return ds, None  # registered by node.registry, which indexes it itself
+    try:
+        return ds, index.entry_for(ds)
+    except Exception:  # noqa: BLE001 (read again, and refused with a reason, in the transaction)
+        return ds, None
 
 
 class _Durable:
@@ -578,7 +587,8 @@ def _sync_dirs(leaf: Path, new_dirs: list[Path]) -> None:
 
 
 def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: str,
-           calling: str, is_model: bool, card: Any, assoc: Any = None) -> str | None:
+           calling: str, is_model: bool, card: Any, assoc: Any = None,
+           entry: index.IndexEntry | None = None) -> str | None:
     """Write the index rows; commit once the file they name is in place.
 
     A new instance commits while its directory entry is being fsynced (both wait on the disk;
@@ -612,7 +622,7 @@ def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: st
                 raise StoreRefused(DUPLICATE_SOP_INSTANCE, f"{exc.code}: model is immutable") from exc
         else:
             row, prev = index.index_instance(ds, digest=durable.digest, size=durable.size,
-                                             transfer_syntax=transfer_syntax, calling_ae=calling)
+                                             transfer_syntax=transfer_syntax, calling_ae=calling, entry=entry)
             if prev is not None and prev.series_id != row.series_id:
                 index.prune_series(prev.series_id)
             if assoc is not None and ctx.config.pipeline.enabled and str(ds.get("Modality", "")) not in NOT_IMAGES:
@@ -696,7 +706,7 @@ def _parse(fh: BinaryIO, size: int, transfer_syntax: str, header: tuple[Dataset,
             ds = dcmread(fh, defer_size=_DEFER)
             _check_structure(ds, inflated)
         else:
-            ds, pos = header if header is not None else _read_header(fh, size)
+            ds, pos = header if header is not None else _read_header(fh, size, transfer_syntax)
             _check_structure(ds, size)
             if pos < size:
                 _check_tail(fh, ds, pos, size, transfer_syntax)
@@ -720,30 +730,60 @@ _PIXEL_TAGS = _PIXEL_TAGS_LE | _PIXEL_TAGS_BE
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"UC", b"UR", b"SQ"}
 
 
-def _parse_head(head: bytes) -> tuple[Dataset, int] | None:
+# The File Meta's first element as every writer of a receive file encodes it (PS3.10 7.1):
+# (0002,0000) File Meta Information Group Length, UL, 4 bytes.
+_META_GROUP_LENGTH = struct.pack("<HH2sH", 2, 0, b"UL", 4)
+_PIXEL_TAG_VALUES = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+_ENCODINGS: dict[str, tuple[bool, bool]] = {}
+
+
+def _encoding(transfer_syntax: str) -> tuple[bool, bool]:
+    """(implicit VR, little endian) of a transfer syntax, cached (UID() validates each time)."""
+    known = _ENCODINGS.get(transfer_syntax)
+    if known is None:
+        ts = UID(transfer_syntax)
+        known = _ENCODINGS[transfer_syntax] = (ts.is_implicit_VR, ts.is_little_endian)
+    return known
+
+
+def _at_pixels(tag: int, vr: str | None, length: int) -> bool:
+    return tag in _PIXEL_TAG_VALUES
+
+
+def _parse_head(head: bytes, transfer_syntax: str | None) -> tuple[Dataset, int] | None:
     """The header parsed from the first bytes of a file that is still arriving, if it ends there.
 
     Returns the dataset and the offset of its pixel data element, as :func:`_read_header` does.
     None when the header goes on past these bytes or does not parse: the handler then parses
     the whole file itself, and a refusal gets its reason from that parse.
+
+    The File Meta is this node's own (the receive file starts with it), so it is skipped by its
+    group length and the dataset is read with pydicom's ``read_dataset`` in the transfer syntax
+    of the presentation context: 0.13 ms for a CT header, where ``dcmread`` took 0.37 ms.
     """
+    if not transfer_syntax or transfer_syntax == DeflatedExplicitVRLittleEndian:
+        return None
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:140] != _META_GROUP_LENGTH:
+        return None
+    implicit, little = _encoding(transfer_syntax)
     buf = io.BytesIO(head)
+    buf.seek(144 + struct.unpack_from("<I", head, 140)[0])
     try:
-        ds = dcmread(buf, stop_before_pixels=True, defer_size=_DEFER)
+        ds = read_dataset(buf, implicit, little, stop_when=_at_pixels, defer_size=_DEFER)
     except Exception:  # noqa: BLE001 (any failure means: parse the complete file later)
         return None
     pos = buf.tell()
-    return (ds, pos) if head[pos:pos + 4] in _PIXEL_TAGS else None
+    return (ds, pos) if len(ds) and head[pos:pos + 4] in _PIXEL_TAGS else None
 
 
-def _read_header(fh: BinaryIO, size: int) -> tuple[Dataset, int]:
+def _read_header(fh: BinaryIO, size: int, transfer_syntax: str | None = None) -> tuple[Dataset, int]:
     """Parse up to the pixel data; returns the dataset and the file offset where it stopped."""
     head = fh.read(_HEAD)
     if len(head) == size:  # the whole file is in memory: its parse errors are the answer
         buf = io.BytesIO(head)
         ds = dcmread(buf, stop_before_pixels=True, defer_size=_DEFER)
         return ds, buf.tell()
-    got = _parse_head(head)
+    got = _parse_head(head, transfer_syntax)
     if got is not None:
         return got
     # The header goes on past the first bytes (or they do not parse): parse it from the file.

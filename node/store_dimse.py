@@ -200,7 +200,7 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
                 self.message = StoreRequest(context_id, command, str(cx.transfer_syntax[0]))
                 if len(pdvs) > 1:  # dataset fragments in the same PDU
                     rest = P_DATA()
-                    rest.presentation_data_value_list = pdvs[1:]
+                    rest.presentation_data_value_list.extend(pdvs[1:])  # (its setter wants lists)
                     _receive_primitive(self, rest)
                 return
     _library_receive_primitive(self, primitive)

@@ -425,6 +425,85 @@ def test_dataset_that_does_not_parse(node, tmp_path):
     assert "0xC210: dataset does not parse" in node.log()
 
 
+def _one_pdu(assoc, ds: Dataset, message_id: int = 1) -> bytes:
+    """A C-STORE-RQ for ``ds`` with its command and all its dataset fragments in one P-DATA-TF.
+
+    pynetdicom and dcmtk send the command in a PDU of its own; PS3.8 9.3.5 allows both in one.
+    """
+    from io import BytesIO
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    cx = assoc.accepted_contexts[0]
+    body = DicomBytesIO()
+    body.is_implicit_VR, body.is_little_endian = False, True  # explicit VR little endian (the context's)
+    write_dataset(body, ds)
+    req = C_STORE()
+    req.MessageID, req.Priority = message_id, 0
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    req.DataSet = BytesIO(body.getvalue())
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    together = P_DATA()
+    for fragment in msg.encode_msg(cx.context_id, 16384):
+        together.presentation_data_value_list.extend(fragment.presentation_data_value_list)
+    assert len(together.presentation_data_value_list) > 2  # command + several dataset fragments
+    pdu = P_DATA_TF()
+    pdu.from_primitive(together)
+    return pdu.encode()
+
+
+@pytest.mark.timeout(60)
+def test_command_and_dataset_in_one_pdu_are_stored(node):
+    uid = generate_uid()
+    ds = small_ct(uid, generate_uid(), generate_uid(), 1, size=128)  # 32 KiB of pixels
+    with pn_association(node, CTImageStorage, ExplicitVRLittleEndian) as assoc:
+        assoc.dul.socket.send(_one_pdu(assoc, ds))
+        _, rsp = assoc.dimse.get_msg(block=True)
+    assert rsp is not None and rsp.Status == 0x0000, rsp
+    row = instance_row(node, uid)
+    assert row is not None and row["patient_id"] == "KILL001" and row["modality"] == "CT"
+    stored = node.data_dir / "objects" / row["digest"][:2] / row["digest"][2:4] / f"{row['digest']}.dcm"
+    assert pydicom.dcmread(stored).PixelData == ds.PixelData
+
+
+@pytest.mark.timeout(60)
+def test_p_data_item_longer_than_its_pdu_aborts_that_association_only(node):
+    """A PDV item whose length runs past the PDU: the association is aborted, nothing is stored."""
+    before = object_files(node)
+    with pn_association(node, CTImageStorage, ExplicitVRLittleEndian) as assoc:
+        cx = assoc.accepted_contexts[0]
+        item = struct.pack(">LB", 5000, cx.context_id) + b"\x00" * 100  # claims 5000, holds 101
+        assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0, len(item)) + item)
+        for _ in range(100):
+            if not assoc.is_established:
+                break
+            threading.Event().wait(0.05)
+        assert assoc.is_aborted
+    assert object_files(node) == before and not tmp_leftovers(node)
+    assert_serving(node)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore:Expected explicit VR")
+def test_header_that_does_not_parse_in_a_large_dataset(node, tmp_path):
+    """Larger than the 64 KiB read ahead while it arrives: the early parse fails, the full one refuses."""
+    rng = __import__("random").Random(11)
+    garbage = write_raw_file(tmp_path / "garbage-large.dcm", CTImageStorage, generate_uid(),
+                             bytes(rng.randrange(256) for _ in range(300_000)))
+    before = object_files(node)
+    status = pn_store(node, garbage)
+    if status is not None:
+        assert status.Status in (0xC210, 0xA900), status
+    assert object_files(node) == before and not tmp_leftovers(node)
+    assert_serving(node)
+
+
 @pytest.mark.timeout(90)
 def test_allow_list_rejects_unknown_callers(tmp_path):
     peers = [

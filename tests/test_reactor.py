@@ -1,0 +1,42 @@
+"""node.reactor's P-DATA-TF split: the same items as pynetdicom's decoder, None where it must decide."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
+
+from node.reactor import split_pdvs
+
+
+def _pdu(items: list[tuple[int, bytes]]) -> bytes:
+    primitive = P_DATA()
+    primitive.presentation_data_value_list.extend(items)
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+@pytest.mark.timeout(10)
+def test_items_match_pynetdicom() -> None:
+    items = [(1, b"\x03" + b"command"), (1, b"\x00" + bytes(range(256)) * 4), (3, b"\x02" + b"last")]
+    raw = _pdu(items)
+    library = P_DATA_TF()
+    library.decode(raw)
+    expected = [(i.presentation_context_id, i.presentation_data_value) for i in library.presentation_data_value_items]
+    ours = split_pdvs(raw[6:])
+    assert ours is not None
+    assert [(cid, bytes(data)) for cid, data in ours] == expected == items
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("body", [
+    b"",  # no item
+    struct.pack(">LB", 1, 1),  # an item with no message control header
+    struct.pack(">LB", 10, 1) + b"\x00" * 4,  # longer than what follows
+    struct.pack(">LB", 3, 1) + b"\x02ab" + b"\x00\x00",  # trailing bytes too short for an item
+])
+def test_malformed_bodies_are_left_to_pynetdicom(body: bytes) -> None:
+    assert split_pdvs(body) is None
