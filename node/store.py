@@ -467,14 +467,14 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
             durable.sync()
         finally:
             ds, entry = parsing.result()  # (also on a failed fsync: the worker must be done with the file)
-        ds_class = str(ds.get("SOPClassUID", "") or "")
-        ds_uid = str(ds.get("SOPInstanceUID", "") or "")
+        ds_class = index.text(ds, "SOPClassUID")
+        ds_uid = index.text(ds, "SOPInstanceUID")
         if ds_class != rq_class:
             raise StoreRefused(DATASET_DOES_NOT_MATCH, f"dataset SOP Class {ds_class or '(none)'} != request's")
         if ds_uid != rq_uid:
             raise StoreRefused(DATASET_DOES_NOT_MATCH, f"dataset SOP Instance UID {ds_uid[:20] or '(none)'} != request's")
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-            value = str(ds.get(keyword, "") or "")
+            value = index.text(ds, keyword)
             if not valid_uid(value):
                 raise StoreRefused(DATASET_DOES_NOT_MATCH, f"{keyword} {value[:24]!r} is missing or not a UID")
 
@@ -571,11 +571,18 @@ def _place(store: ObjectStore, src: Path, digest: str, size: int) -> tuple[Store
     new fan-out directories are returned so that their parents get synced too.
     """
     final = store.path(digest)
-    if final.exists():
+    if os.path.exists(final):
         src.unlink(missing_ok=True)
         return StoredObject(digest, final, size), []
-    new_dirs = [d for d in (final.parent.parent, final.parent) if not d.exists()]
-    final.parent.mkdir(parents=True, exist_ok=True)
+    leaf = final.parent
+    try:
+        os.mkdir(leaf)
+        new_dirs = [leaf]
+    except FileExistsError:
+        new_dirs = []
+    except FileNotFoundError:  # the first level too (made at start, so removed since)
+        new_dirs = [d for d in (leaf.parent, leaf) if not d.exists()]
+        leaf.mkdir(parents=True, exist_ok=True)
     os.replace(src, final)
     return StoredObject(digest, final, size), new_dirs
 
@@ -603,7 +610,7 @@ def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: st
     db = database_proxy.obj
     policy = ctx.config.storage.duplicate_policy
     with ctx.write_lock, write_transaction(db):
-        previous = index.stored_digest(str(ds.SOPInstanceUID), with_model_flag=True)
+        previous = index.stored_digest(index.text(ds, "SOPInstanceUID"), with_model_flag=True)
         if previous is not None:
             old_digest, old_is_model = previous
             if old_digest == durable.digest:
@@ -625,11 +632,11 @@ def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: st
                                              transfer_syntax=transfer_syntax, calling_ae=calling, entry=entry)
             if prev is not None and prev.series_id != row.series_id:
                 index.prune_series(prev.series_id)
-            if assoc is not None and ctx.config.pipeline.enabled and str(ds.get("Modality", "")) not in NOT_IMAGES:
+            if assoc is not None and ctx.config.pipeline.enabled and index.text(ds, "Modality") not in NOT_IMAGES:
                 # Same transaction as the index row: an acknowledged instance always counts
                 # towards its series' completion, even across a crash.
                 _note_arrival(ctx, ds, assoc, calling)
-        if not stored.path.exists():
+        if not os.path.exists(stored.path):
             # Same bytes discarded meanwhile by a refused or replaced twin: let the sender retry.
             raise OSError(errno.ENOENT, "stored file vanished before commit")
     return previous[0] if previous is not None else None
@@ -646,8 +653,8 @@ def _note_arrival(ctx: NodeContext, ds: Dataset, assoc: Any, calling: str) -> No
     called = str(getattr(primitive, "called_ae_title", "") or "").strip()
     pl = ctx.config.pipeline
     group_by = pl.group_by_called_ae.get(called, pl.group_by)
-    study = str(ds.get("StudyInstanceUID", ""))
-    key = study if group_by == "study" else str(ds.get("SeriesInstanceUID", ""))
+    study = index.text(ds, "StudyInstanceUID")
+    key = study if group_by == "study" else index.text(ds, "SeriesInstanceUID")
     groups: set[str] = assoc.__dict__.setdefault("_modelnode_groups", set())
     jobs.note_arrival(key, group_by=group_by, study_uid=study, called_ae=called[:16], calling_ae=calling[:16],
                       new_association=key not in groups)
@@ -858,8 +865,7 @@ def _check_structure(ds: Dataset, size: int) -> None:
     pydicom defers or truncates such a value without complaint, so garbage bytes "parse" into
     one element with a huge length. The values themselves are not read (they may be large).
     """
-    for tag in ds.keys():
-        elem = ds.get_item(tag, keep_deferred=True)
+    for elem in ds._dict.values():  # (as ds.get_item(tag, keep_deferred=True) for each tag, cheaper)
         length = getattr(elem, "length", 0)
         tell = getattr(elem, "value_tell", None)
         if tell is None or length == 0xFFFFFFFF:
