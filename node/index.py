@@ -30,6 +30,19 @@ _BINARY_INTS = {"US": "H", "SS": "h", "UL": "I", "SL": "i"}
 _tags: dict[str, int] = {}
 
 
+def _tag(keyword: str) -> int | None:
+    tag = _tags.get(keyword)
+    if tag is None:
+        tag = _tags[keyword] = tag_for_keyword(keyword)
+    return tag
+
+
+def _absent(ds: Dataset, keyword: str) -> bool:
+    """Certainly not in ``ds`` (pydicom's ds.get would look it up at length to say so)."""
+    tag = _tag(keyword)
+    return tag is not None and tag not in ds._dict
+
+
 def _raw(ds: Dataset, keyword: str) -> tuple[str, bytes, bool] | None:
     """(VR, bytes, little endian) of an element pydicom has not converted yet, else None.
 
@@ -38,9 +51,7 @@ def _raw(ds: Dataset, keyword: str) -> tuple[str, bytes, bool] | None:
     when the result is certain to be what pydicom would give; anything else (a converted
     element, non-ASCII text that needs the character set, odd VRs) takes pydicom's path.
     """
-    tag = _tags.get(keyword)
-    if tag is None:
-        tag = _tags[keyword] = tag_for_keyword(keyword)
+    tag = _tag(keyword)
     # The element store itself: ds.get_item(tag, keep_deferred=True) is the same look-up behind
     # a tag conversion that cost more than the rest of this function (50 look-ups per instance).
     elem = ds._dict.get(tag) if tag is not None else None
@@ -64,6 +75,8 @@ def _text(ds: Dataset, keyword: str, limit: int = 0) -> str:
     if raw is not None and raw[0] in _PLAIN_TEXT_VRS and raw[1].isascii():
         text = "\\".join(_split_text(raw[0], raw[1])).strip()
         return text[:limit] if limit else text
+    if _absent(ds, keyword):
+        return ""
     value = ds.get(keyword, "")
     if value is None:
         return ""
@@ -187,6 +200,8 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     fast = _number_list(ds, keyword)
     if fast:
         return int(fast[0])
+    if _absent(ds, keyword):
+        return None
     try:
         value = ds.get(keyword)
         return int(value) if value not in (None, "") else None
@@ -201,6 +216,8 @@ def _extra_attrs(ds: Dataset) -> dict[str, Any]:
         fast = _number_list(ds, k)
         if fast:
             attrs[k] = fast[0] if len(fast) == 1 else fast
+            continue
+        if _absent(ds, k):
             continue
         raw = _raw(ds, k)
         if raw is not None and raw[0] in _PLAIN_TEXT_VRS and raw[1].isascii():
