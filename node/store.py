@@ -2,16 +2,17 @@
 
 The dataset streams to disk as it arrives: pynetdicom's chunked receive
 (``STORE_RECV_CHUNKED_DATASET``) writes each P-DATA fragment to a file that :func:`prepare`
-places in the object store's ``tmp/`` (:class:`ReceiveFile`). Nothing is held in memory but the header, whatever the size. That file
+places in the object store's ``tmp/`` and that hashes the bytes on their way to the disk
+(:class:`ReceiveFile`). Nothing is held in memory but the header, whatever the size. That file
 is already the Part-10 file the store keeps: preamble, our File Meta (the request's UIDs, the
 presentation context's transfer syntax), then the dataset exactly as sent.
 
 For each C-STORE, :func:`handle_store`:
 
 1. checks the request (SOP Instance UID syntax, SOP class of the presentation context);
-2. fsyncs the received file, while one worker computes its SHA-256 (its name in ``objects/``)
-   and another parses the header (pixel data and other large values are never read), checks
-   its structure to the last byte, and that its SOP Class and Instance UIDs match the request;
+2. fsyncs the received file, while a worker parses the header (pixel data and other large
+   values are never read), checks its structure to the last byte, and that its SOP Class and
+   Instance UIDs match the request;
 3. for a model object (Raw Data carrying our private block), verifies it completely
    (:func:`iods.model_object.unpack_file`: checksum, onnx.checker, signature against the card);
 4. under the node's write lock, in one transaction: checks for a duplicate, renames the file
@@ -93,9 +94,9 @@ IMPLEMENTATION_UID = str(derived_uid("modelnode", "implementation-class"))
 IMPLEMENTATION_VERSION = "MODELNODE_01"
 
 # The work beside each C-STORE's own thread: headers parsed while the data arrives, files
-# hashed and parsed while the handler fsyncs, directories fsynced while it indexes, spare
-# receive files created. Up to three of those run at once for one C-STORE: prepare() sizes the
-# pool to three workers per allowed association (threads start only when needed).
+# parsed while the handler fsyncs, directories fsynced while it indexes, spare receive files
+# created. Up to three of those run at once for one C-STORE: prepare() sizes the pool to three
+# workers per allowed association (threads start only when needed).
 _WORKERS_PER_ASSOCIATION = 3
 _sync_pool = ThreadPoolExecutor(max_workers=2 * _WORKERS_PER_ASSOCIATION, thread_name_prefix="store")
 
@@ -117,7 +118,11 @@ class StoreRefused(Exception):
 
 
 class ReceiveFile:
-    """The file pynetdicom streams a C-STORE dataset into.
+    """The file pynetdicom streams a C-STORE dataset into; it hashes the bytes as they pass.
+
+    The hash is taken here, on the thread that reads the network, rather than by a worker
+    during the fsync: on a real network the receive waits for the wire anyway, and on loopback
+    (2 cores, scripts/bench_ingest) both places measured the same.
 
     pynetdicom creates it through ``tempfile.NamedTemporaryFile(delete=False, mode="wb",
     suffix=".dcm")`` and uses ``write``, ``file.flush``, ``name`` and ``close``; :func:`prepare`
@@ -151,9 +156,11 @@ class ReceiveFile:
         self._synced_to = 0
         self.transfer_syntax: str | None = None  # set with the File Meta (_write_file_meta_info)
         self._head: bytearray | None = bytearray()
+        self._hash = hashlib.sha256()
         self.header: Future[EarlyHeader | None] | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._hash.update(data)
         written = self.file.write(data)
         self.size += len(data)
         if self._head is not None:
@@ -184,6 +191,10 @@ class ReceiveFile:
 
     def fsync(self) -> None:
         os.fsync(self.file.fileno())
+
+    @property
+    def digest(self) -> str:
+        return self._hash.hexdigest()
 
 
 class SpareFiles:
@@ -447,16 +458,15 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
         raise StoreRefused(SOP_CLASS_NOT_SUPPORTED, f"SOP Class {rq_class} sent on a {cx.abstract_syntax} context")
 
     store = ctx.app.store
-    if received is not None and src.parent != store.tmp:
-        received = None  # pynetdicom wrote the file itself (prepare() not called): copied in later
-    size = received.size if received is not None else src.stat().st_size
-    # 2. The data is complete: this thread fsyncs it while one worker hashes it and another
-    # parses it. The fsync and the hash release the GIL, and the sender waits for the answer,
-    # so the hash runs on a core that is otherwise idle now; hashing the P-DATA fragments as they
-    # arrived cost 0.37 ms per CT slice on the thread that reads the network. The workers get
-    # the file by descriptor, opened here: they never need its path.
-    hashing = _sync_pool.submit(_hash_and_close, open(os.open(src, os.O_RDONLY), "rb"))  # noqa: SIM115
-    durable = _Durable(store, src, hashing, size, received)
+    if received is not None and src.parent == store.tmp:
+        digest, size = received.digest, received.size
+    else:  # pynetdicom wrote the file itself (prepare() not called): hash it, copy it in later
+        received = None
+        digest, size = _hash_file(src), src.stat().st_size
+    durable = _Durable(store, src, digest, size, received)
+    # 2. The data is complete: this thread fsyncs it (the GIL is released meanwhile) while a
+    # worker parses it (its header was parsed and its index values read while it arrived).
+    # Opened here, by descriptor, so the worker never needs the path.
     fh = open(os.open(src, os.O_RDONLY), "rb")  # noqa: SIM115 (closed by _parse_and_close)
     header = received.header if received is not None else None
     parsing = _sync_pool.submit(_parse_and_close, fh, size, transfer_syntax, header)
@@ -551,17 +561,10 @@ class _Durable:
     stays behind after a refusal.
     """
 
-    def __init__(self, store: ObjectStore, src: Path, hashing: Future[str], size: int,
-                 received: ReceiveFile | None) -> None:
-        self.store, self.src, self.size, self.received = store, src, size, received
-        self._hashing = hashing
+    def __init__(self, store: ObjectStore, src: Path, digest: str, size: int, received: ReceiveFile | None) -> None:
+        self.store, self.src, self.digest, self.size, self.received = store, src, digest, size, received
         self._stored: StoredObject | None = None
         self._dirs: Future[None] | None = None
-
-    @property
-    def digest(self) -> str:
-        """The file's SHA-256 (waits for the worker computing it)."""
-        return self._hashing.result()
 
     def sync(self) -> None:
         if self.received is not None and self.store.fsync:
@@ -923,8 +926,8 @@ def _discard(ctx: NodeContext, digest: str) -> None:
         log.warning("could not remove unreferenced object %s: %s", digest, exc)
 
 
-def _hash_and_close(fh: BinaryIO) -> str:
-    with fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()  # (reads 256 KiB at a time, GIL released)
+def _hash_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
