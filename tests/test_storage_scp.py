@@ -463,8 +463,15 @@ def test_command_and_dataset_in_one_pdu_are_stored(node):
     uid = generate_uid()
     ds = small_ct(uid, generate_uid(), generate_uid(), 1, size=128)  # 32 KiB of pixels
     with pn_association(node, CTImageStorage, ExplicitVRLittleEndian) as assoc:
-        assoc.dul.socket.send(_one_pdu(assoc, ds))
-        _, rsp = assoc.dimse.get_msg(block=True)
+        # Paused as pynetdicom pauses its reactor around a request, so it cannot take the answer.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            threading.Event().wait(0.001)
+        try:
+            assoc.dul.socket.send(_one_pdu(assoc, ds))
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
     assert rsp is not None and rsp.Status == 0x0000, rsp
     row = instance_row(node, uid)
     assert row is not None and row["patient_id"] == "KILL001" and row["modality"] == "CT"
