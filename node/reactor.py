@@ -192,9 +192,19 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
     DT-2 (send the P-DATA indication to the DIMSE layer) and back to Sta6. When nothing but
     pynetdicom's no-op logging handler is bound to the events involved, this function splits
     the PDV items itself (as views of the one buffer the PDU was read into) and hands the
-    ``P_DATA`` to the DIMSE layer directly. Everything else, and any PDU whose items do not add
-    up, takes the library's path with the library's error handling.
+    ``P_DATA`` to the DIMSE layer directly. While that message is still incomplete and its next
+    PDU is already readable, it reads that one too, without a turn of the reactor (which checks
+    timers and queues and polls the socket twice). Everything else, and any PDU whose items do
+    not add up, takes the library's path with the library's error handling.
     """
+    while _read_one_pdu(self):
+        if not _more_of_this_message(self):
+            return
+        self._idle_timer.restart()  # (what the reactor does after each PDU read)
+
+
+def _read_one_pdu(self: DULServiceProvider) -> bool:
+    """Read one PDU; True if it went straight to the DIMSE layer (see :func:`_read_pdu_data`)."""
     sock = cast(AssociationSocket, self.socket)
     try:
         head = sock.recv(6)
@@ -202,27 +212,27 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         _pynetdicom_log.error("Connection closed before the entire PDU was received")
         _pynetdicom_log.exception(exc)
         self.event_queue.put("Evt17")  # transport connection closed
-        return
+        return False
     if len(head) != 6:
         self.event_queue.put("Evt17")
-        return
+        return False
     pdu_type, _, length = _PDU_HEADER.unpack(head)
     if pdu_type not in _PDU_TYPES:
         _pynetdicom_log.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
         self.event_queue.put("Evt19")  # unrecognised or invalid PDU
-        return
+        return False
     try:
         body = sock.recv(length)
     except (OSError, TimeoutError) as exc:
         _pynetdicom_log.error("Connection closed before the entire PDU was received")
         _pynetdicom_log.exception(exc)
         self.event_queue.put("Evt17")
-        return
+        return False
     if len(body) != length:
         _pynetdicom_log.error(f"The received PDU is shorter than expected ({6 + len(body)} of "
                               f"{6 + length} bytes received)")
         self.event_queue.put("Evt17")
-        return
+        return False
 
     if pdu_type == P_DATA_TF and _direct(self):
         pdvs = split_pdvs(body)
@@ -230,7 +240,7 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
             primitive = P_DATA()
             primitive.presentation_data_value_list.extend(pdvs)  # (the setter wants lists)
             self.assoc.dimse.receive_primitive(primitive)
-            return
+            return True
 
     try:
         pdu, event = self._decode_pdu(head + body)
@@ -239,8 +249,15 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         _pynetdicom_log.error("Unable to decode the received PDU data")
         _pynetdicom_log.exception(exc)
         self.event_queue.put("Evt19")
-        return
+        return False
     self._recv_pdu.put(pdu)
+    return False
+
+
+def _more_of_this_message(dul: DULServiceProvider) -> bool:
+    """A DIMSE message is half received, its next PDU is readable, and nothing else waits."""
+    return (dul.assoc.dimse.message is not None and not dul._kill_thread and not dul.to_provider_queue.qsize()
+            and not dul.event_queue.qsize() and cast(AssociationSocket, dul.socket).ready)
 
 
 def _direct(dul: DULServiceProvider) -> bool:
