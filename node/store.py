@@ -464,17 +464,16 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
         received = None
         digest, size = _hash_file(src), src.stat().st_size
     durable = _Durable(store, src, digest, size, received)
-    # 2. The data is complete: this thread fsyncs it (the GIL is released meanwhile) while a
-    # worker parses it (its header was parsed and its index values read while it arrived).
-    # Opened here, by descriptor, so the worker never needs the path.
+    # 2. The data is complete: a worker fsyncs it while another parses it (its header was
+    # parsed and its index values read while it arrived), and this thread goes on to the checks
+    # and the index statements; the rename waits for the fsync. Opened here, by descriptor, so
+    # the parser never needs the path.
+    durable.start_sync()
     fh = open(os.open(src, os.O_RDONLY), "rb")  # noqa: SIM115 (closed by _parse_and_close)
     header = received.header if received is not None else None
     parsing = _sync_pool.submit(_parse_and_close, fh, size, transfer_syntax, header)
     try:
-        try:
-            durable.sync()
-        finally:
-            ds, entry = parsing.result()  # (also on a failed fsync: the worker must be done with the file)
+        ds, entry = parsing.result()
         ds_class = index.text(ds, "SOPClassUID")
         ds_uid = index.text(ds, "SOPInstanceUID")
         if ds_class != rq_class:
@@ -556,23 +555,26 @@ def _parse_and_close(fh: BinaryIO, size: int, transfer_syntax: str,
 class _Durable:
     """The received file on its way into the store.
 
-    :meth:`sync` fsyncs it, :meth:`place` renames it into ``objects/`` and starts the directory
-    fsync on a worker, :meth:`finish` waits for that. :meth:`abandon` makes sure nothing of it
-    stays behind after a refusal.
+    :meth:`start_sync` starts its fsync on a worker, :meth:`place` waits for it, renames the
+    file into ``objects/`` and starts the directory fsync on a worker, :meth:`finish` waits for
+    that. :meth:`abandon` makes sure nothing of it stays behind after a refusal.
     """
 
     def __init__(self, store: ObjectStore, src: Path, digest: str, size: int, received: ReceiveFile | None) -> None:
         self.store, self.src, self.digest, self.size, self.received = store, src, digest, size, received
         self._stored: StoredObject | None = None
+        self._sync: Future[None] | None = None
         self._dirs: Future[None] | None = None
 
-    def sync(self) -> None:
+    def start_sync(self) -> None:
         if self.received is not None and self.store.fsync:
-            self.received.fsync()
+            self._sync = _sync_pool.submit(self.received.fsync)
 
     def place(self) -> StoredObject:
         """The file, whole and fsynced, at its place in ``objects/`` (its directory maybe not yet)."""
         if self._stored is None:
+            if self._sync is not None:
+                self._sync.result()  # (never renamed before its data is on disk)
             if self.received is None:
                 self._stored = self.store.put_file(self.src)  # copies, syncs and renames on its own
             else:
@@ -589,11 +591,12 @@ class _Durable:
         return stored
 
     def abandon(self, ctx: NodeContext) -> None:
-        if self._dirs is not None:
-            try:
-                self._dirs.result()
-            except Exception:  # noqa: S110 (the caller is already reporting the first failure)
-                pass
+        for pending in (self._sync, self._dirs):
+            if pending is not None:
+                try:
+                    pending.result()
+                except Exception:  # noqa: S110 (the caller is already reporting the first failure)
+                    pass
         self.src.unlink(missing_ok=True)
         if self._stored is not None:
             _discard(ctx, self._stored.digest)
@@ -633,10 +636,11 @@ def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: st
            entry: index.IndexEntry | None = None) -> str | None:
     """Write the index rows; commit once the file they name is in place.
 
-    A new instance commits while its directory entry is being fsynced (both wait on the disk;
-    together they cost one wait instead of two): the success status still waits for both, and a
-    power cut between them is repaired at start (:func:`recover`). A replacement or a model
-    waits for the directory first, so that an acknowledged older version is never lost.
+    The statements run while the file is being fsynced, and the commit while its directory
+    entry is (each pair waits on the disk at once): the success status still waits for all
+    three, nothing is renamed before its data is on disk, and a power cut between the rename's
+    sync and the commit is repaired at start (:func:`recover`). A replacement or a model waits
+    for the directory first, so that an acknowledged older version is never lost.
 
     Returns the digest the instance pointed at before, if any.
     """
@@ -654,8 +658,8 @@ def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: st
             if policy == "reject" or old_is_model or is_model:
                 raise StoreRefused(DUPLICATE_SOP_INSTANCE,
                                    f"SOP Instance UID already stored with other content ({policy})")
-        # The directory fsync starts now and runs under the index statements and the commit.
-        stored = durable.place() if previous is None and not is_model else durable.finish()
+        if previous is not None or is_model:
+            durable.finish()  # an older version is replaced, or a model registered: directory first
         if is_model:
             try:
                 ctx.app.registry.register_stored(ds, durable.finish(), card=card, source=calling,
@@ -671,6 +675,9 @@ def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: st
                 # Same transaction as the index row: an acknowledged instance always counts
                 # towards its series' completion, even across a crash.
                 _note_arrival(ctx, ds, assoc, calling)
+        # The file's fsync ran under the statements above; the rename waits for it, and the
+        # directory fsync it starts runs under the commit.
+        stored = durable.place()
         if not os.path.exists(stored.path):
             # Same bytes discarded meanwhile by a refused or replaced twin: let the sender retry.
             raise OSError(errno.ENOENT, "stored file vanished before commit")
