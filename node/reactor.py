@@ -26,7 +26,7 @@ import weakref
 from typing import Any, cast
 
 from pynetdicom import evt
-from pynetdicom._handlers import standard_pdu_recv_handler
+from pynetdicom._handlers import standard_pdu_recv_handler, standard_pdu_sent_handler
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
@@ -266,6 +266,29 @@ def _direct(dul: DULServiceProvider) -> bool:
     return (dul.state_machine.current_state == "Sta6" and not dul.event_queue.qsize()
             and not assoc.get_handlers(evt.EVT_DATA_RECV) and not assoc.get_handlers(evt.EVT_FSM_TRANSITION)
             and all(h[0] is standard_pdu_recv_handler for h in assoc.get_handlers(evt.EVT_PDU_RECV)))
+
+
+def send_now(dul: DULServiceProvider, context_id: int, pdv: bytes) -> bool:
+    """Send one PDV as a P-DATA-TF right now if this is the DUL thread in Sta6; else False.
+
+    For a response served on the DUL thread (:func:`node.store_dimse._serve_here`): queuing it
+    would only have this same thread take it off the queue on its next turn and run it through
+    the FSM (event 9 in Sta6 is action DT-1, send the PDU, back to Sta6). Only when nothing is
+    queued before it and nothing but pynetdicom's no-op logging handler is bound to the events
+    that path would trigger.
+    """
+    if (threading.current_thread() is not dul or dul.state_machine.current_state != "Sta6"
+            or dul.to_provider_queue.qsize() or dul.assoc.get_handlers(evt.EVT_FSM_TRANSITION)
+            or not all(h[0] is standard_pdu_sent_handler for h in dul.assoc.get_handlers(evt.EVT_PDU_SENT))):
+        return False
+    cast(AssociationSocket, dul.socket).send(encode_p_data_tf(context_id, pdv))
+    return True
+
+
+def encode_p_data_tf(context_id: int, pdv: bytes) -> bytes:
+    """A P-DATA-TF PDU holding one PDV item (PS3.8 9.3.5): ``pdv`` starts with its control header."""
+    item = _PDV_HEADER.pack(len(pdv) + 1, context_id) + pdv
+    return _PDU_HEADER.pack(P_DATA_TF, 0, len(item)) + item
 
 
 def split_pdvs(body: bytes | bytearray) -> list[tuple[int, memoryview]] | None:

@@ -40,6 +40,8 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from node import reactor
+
 log = logging.getLogger("modelnode.store")
 _pynetdicom_log = logging.getLogger("pynetdicom")
 
@@ -306,6 +308,8 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
         command = encode_command(primitive)
         limit = self.maximum_pdu_size
         if command is not None and (limit == 0 or len(command) <= limit - 6):  # one fragment, as pynetdicom
+            if reactor.send_now(self.dul, context_id, _LAST_COMMAND_FRAGMENT + command):
+                return
             pdata = P_DATA()
             pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + command))
             self.dul.send_pdu(pdata)

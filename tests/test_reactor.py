@@ -1,4 +1,4 @@
-"""node.reactor's P-DATA-TF split: the same items as pynetdicom's decoder, None where it must decide."""
+"""node.reactor's P-DATA-TF coding: the same bytes and items as pynetdicom's, None where it must decide."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from node.reactor import split_pdvs
+from node.reactor import encode_p_data_tf, split_pdvs
 
 
 def _pdu(items: list[tuple[int, bytes]]) -> bytes:
@@ -40,3 +40,9 @@ def test_items_match_pynetdicom() -> None:
 ])
 def test_malformed_bodies_are_left_to_pynetdicom(body: bytes) -> None:
     assert split_pdvs(body) is None
+
+
+@pytest.mark.timeout(10)
+def test_one_item_pdu_is_encoded_as_pynetdicom_does() -> None:
+    pdv = b"\x03" + bytes(range(200))
+    assert encode_p_data_tf(7, pdv) == _pdu([(7, pdv)])
