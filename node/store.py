@@ -10,15 +10,15 @@ presentation context's transfer syntax), then the dataset exactly as sent.
 For each C-STORE, :func:`handle_store`:
 
 1. checks the request (SOP Instance UID syntax, SOP class of the presentation context);
-2. fsyncs the received file, while a worker parses the header (pixel data and other large
-   values are never read), checks its structure to the last byte, and that its SOP Class and
-   Instance UIDs match the request;
+2. has a worker fsync the received file, while it checks the header (parsed by another
+   worker as the data arrived; pixel data and other large values are never read): its
+   structure to the last byte, and that its SOP Class and Instance UIDs match the request;
 3. for a model object (Raw Data carrying our private block), verifies it completely
    (:func:`iods.model_object.unpack_file`: checksum, onnx.checker, signature against the card);
-4. under the node's write lock, in one transaction: checks for a duplicate, renames the file
-   into ``objects/ab/cd/<sha256>.dcm`` (:class:`_Durable`), indexes patient/study/series/instance
-   (or registers a model) while a worker fsyncs the directory, and commits (SQLite
-   ``synchronous=FULL``);
+4. under the node's write lock, in one transaction: checks for a duplicate, indexes
+   patient/study/series/instance (or registers a model), renames the file into
+   ``objects/ab/cd/<sha256>.dcm`` once its fsync is done (:class:`_Durable`), and commits
+   (SQLite ``synchronous=FULL``) while a worker fsyncs the directory;
 5. answers 0x0000 once the file, its directory entry and the transaction are on disk.
 
 Any failure answers a failure status with an Error Comment and a log line, and leaves no file
