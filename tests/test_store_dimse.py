@@ -108,3 +108,30 @@ def test_request_decoding_leaves_the_rest_to_pynetdicom() -> None:
     at = no_data.find(b"\x00\x00\x00\x08\x02\x00\x00\x00")  # (0000,0800) CommandDataSetType
     no_data[at + 8:at + 10] = b"\x01\x01"
     assert decode_request(bytes(no_data)) is None  # no dataset: not for the streaming path
+
+
+def _dimse(*, acceptor: bool = True, established: bool = True, paused: bool = False, queued: int = 0):
+    import queue
+    from types import SimpleNamespace
+
+    q: queue.Queue = queue.Queue()
+    for _ in range(queued):
+        q.put((1, None))
+    assoc = SimpleNamespace(is_acceptor=acceptor, is_established=established, _is_paused=paused)
+    return SimpleNamespace(assoc=assoc, msg_queue=q)
+
+
+@pytest.mark.timeout(10)
+def test_served_on_the_receiving_thread_only_when_the_association_thread_is_idle() -> None:
+    from node.store_dimse import _serve_here
+
+    ct = C_STORE()
+    ct.AffectedSOPClassUID = CT
+    model = C_STORE()
+    model.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.66"  # Raw Data: a model object
+    assert _serve_here(_dimse(), ct)
+    assert not _serve_here(_dimse(), model)  # verification can take seconds: the association's thread
+    assert not _serve_here(_dimse(queued=1), ct)  # something queued before it: keep the order
+    assert not _serve_here(_dimse(paused=True), ct)  # that thread is serving something else
+    assert not _serve_here(_dimse(acceptor=False), ct)  # our own C-GET: pynetdicom's loop takes it
+    assert not _serve_here(_dimse(established=False), ct)
