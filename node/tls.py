@@ -16,6 +16,7 @@ The SCP: :func:`server_context`. pynetdicom wraps each accepted socket in the *s
 every TLS connection behind it. The context returned here therefore defers the handshake to the
 association's own thread (OpenSSL does it on the first read) and puts the node's network timeout
 on the socket, so a peer that stops mid-handshake costs one association thread, not the port.
+Server contexts send no TLS 1.3 session tickets (see :func:`_server_context`).
 
 Ports (``[tls] port``): 0 (the default) makes ``[node] port`` speak TLS only; another port adds a
 TLS listener there while ``[node] port`` stays plain, for a migration period. :func:`listeners`
@@ -122,6 +123,14 @@ def _server_context(certificate: str, private_key: str, ca_file: str, require_cl
     ctx = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx)
     ctx.io_timeout = io_timeout
+    # No TLS 1.3 session tickets. OpenSSL sends them unasked right after the handshake, before the
+    # client has said anything; they only serve session resumption, which pynetdicom never does.
+    # What they did do is make the client's socket readable with no DICOM data behind it: a
+    # requestor whose DUL reads when its socket is readable (node.reactor's does, before sending
+    # its queued A-ASSOCIATE-RQ) then blocks in SSL_read while we wait for that request, until a
+    # timeout aborts the association. That is how the node's C-MOVE to `fetch --listen
+    # --listen-tls` failed about one time in four.
+    ctx.num_tickets = 0
     _load_chain(ctx, certificate, private_key)
     if ca_file:
         _load_ca(ctx, ca_file)

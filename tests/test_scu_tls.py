@@ -10,8 +10,11 @@ TLS to a plain port.
 from __future__ import annotations
 
 import os
+import select
+import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -197,6 +200,71 @@ def test_contexts_follow_bcp195(pki):
     assert not tls.client_context_from(ca_certificates=pki.ca, check_hostname=False).check_hostname
     server = tls.server_context_from(pki.server_cert, pki.server_key, pki.ca)
     assert server.minimum_version == ssl.TLSVersion.TLSv1_2 and server.verify_mode == ssl.CERT_OPTIONAL
+    assert server.num_tickets == 0
+
+
+@pytest.mark.timeout(30)
+def test_tls_listener_sends_nothing_unasked_after_the_handshake(pki):
+    """A TLS 1.3 server sends session tickets right after the handshake unless told not to. They
+    made the node's C-MOVE requestor (node.reactor reads a readable socket before it sends its
+    A-ASSOCIATE-RQ) block in SSL_read while our listener waited for that request: the first
+    C-MOVE to `fetch --listen --listen-tls` aborted after 30 s about one time in four."""
+    ctx = tls.server_context_from(pki.server_cert, pki.server_key, pki.ca, io_timeout=10)
+    done, release = threading.Event(), threading.Event()
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        def serve() -> None:
+            conn, _ = lsock.accept()
+            with ctx.wrap_socket(conn, server_side=True) as s:
+                s.do_handshake()  # deferred by the context: done here, as the association's thread does
+                done.set()
+                release.wait(10)
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        client_ctx = tls.client_context_from(pki.client_cert, pki.client_key, pki.ca)
+        with client_ctx.wrap_socket(socket.create_connection(lsock.getsockname(), timeout=10),
+                                    server_hostname="127.0.0.1") as client:
+            assert client.version() == "TLSv1.3"  # tickets come after the handshake in TLS 1.3 only
+            assert done.wait(10)
+            readable, _, _ = select.select([client], [], [], 0.5)
+            assert not readable and not client.pending(), "the server sent something before the client spoke"
+            release.set()
+        server.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_move_receiver_stops_promptly_with_connections_stuck_in_tls(tmp_path, pki):
+    """`fetch --listen --listen-tls` must exit once the C-MOVE is over, whatever its receiver's
+    connections are doing. pynetdicom's DUL reader is not a daemon thread and shutting the server
+    down leaves accepted connections alone: one stuck reading (mid-handshake, or waiting for an
+    A-ASSOCIATE-RQ) kept the process alive for the socket timeout after it printed its result."""
+    ctx = tls.server_context_from(pki.server_cert, pki.server_key, pki.ca, io_timeout=120)
+    options = scu.Options(acse_timeout=120, network_timeout=120)
+    before = set(threading.enumerate())
+    server = scu._start_receiver("RECEIVER", ("127.0.0.1", 0), scu._Receiver(tmp_path), options, ctx)
+    address = server.server_address[:2]
+    peers = [
+        socket.create_connection(address, timeout=10),  # connects, says nothing
+        socket.create_connection(address, timeout=10),  # starts a TLS record, never finishes it
+        # A full TLS handshake, then no A-ASSOCIATE-RQ: the receiver blocks in SSL_read.
+        tls.client_context_from(pki.client_cert, pki.client_key, pki.ca).wrap_socket(
+            socket.create_connection(address, timeout=10), server_hostname="127.0.0.1"),
+    ]
+    try:
+        peers[1].sendall(b"\x16\x03\x01")
+        deadline = time.monotonic() + 10
+        while len(server.active_associations) < len(peers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(server.active_associations) == len(peers)
+        time.sleep(0.5)  # let each reach its blocking read
+        t0 = time.monotonic()
+        scu._stop_receiver(server, grace=0.5)
+        assert time.monotonic() - t0 < 15
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        assert not left, left
+    finally:
+        for peer in peers:
+            peer.close()
 
 
 # --------------------------------------------------------------------------- the CLI against a TLS node

@@ -258,3 +258,45 @@ def test_config_check_reports_bad_tls_keys(pki, tmp_path):
         load_config(cfg_file)
     keys = {k for k, _ in info.value.problems}
     assert {"tls.private_key", "tls.certificate", "tls.require_client_certificate", "tls.port"} <= keys
+
+
+@pytest.mark.timeout(120)
+def test_node_reactor_associates_with_a_tls13_peer_that_sends_session_tickets(pki):
+    """The node's DUL reactor (node.reactor) as a TLS requestor of dcmtk's storescp.
+
+    OpenSSL servers send TLS 1.3 session tickets right after the handshake; the node's reactor,
+    which reads before it sends once the socket is readable, used to read them before sending
+    its A-ASSOCIATE-RQ and block until the ACSE timeout (14 times in 30 against storescp).
+    """
+    import subprocess
+
+    from peers import free_port, wait_port
+
+    from node import reactor
+
+    reactor.install()  # (what a Node does in its process; process-wide and idempotent)
+    port = free_port()
+    proc = subprocess.Popen([require("storescp"), "-ta", "5", "+tls", str(pki.server_key), str(pki.server_cert),
+                             "+cf", str(pki.ca), str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, timeout=20)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(pki.ca)
+        ctx.load_cert_chain(pki.client_cert, pki.client_key)
+        versions, failed = set(), 0
+        for _ in range(10):
+            ae = AE("NODE")
+            ae.add_requested_context(Verification)
+            ae.acse_timeout = 3
+            assoc = ae.associate("127.0.0.1", port, tls_args=(ctx, "localhost"))
+            if assoc.is_established:
+                versions.add(assoc.dul.socket.socket.version())
+                assert assoc.send_c_echo().Status == 0
+                assoc.release()
+            else:
+                failed += 1
+        assert failed == 0, f"{failed} of 10 associations failed"
+        assert versions == {"TLSv1.3"}  # (the case that sends tickets)
+    finally:
+        proc.kill()
+        proc.wait(10)

@@ -130,8 +130,11 @@ def _receiver_tls(args: argparse.Namespace, cfg: Any) -> Any:
     given = ({"tls.certificate", "tls.private_key"} if args.tls_cert else set()) | (
         {"tls.ca_certificates"} if args.tls_ca else set())
     try:
+        # --timeout bounds the handshake of each accepted connection (node.tls defers it to the
+        # association's thread), as it bounds every other wait on the peer; not the node's
+        # network_timeout (120 s by default), which is what a stuck handshake used to cost.
         return tls.server_context_from(cert, key, args.tls_ca or cfg.tls.ca_certificates,
-                                       io_timeout=cfg.node.network_timeout)
+                                       io_timeout=args.timeout)
     except tls.TlsConfigError as exc:
         where = _TLS_FLAGS[exc.key] if exc.key in given else f"{exc.key} (configuration)"
         raise CliError(f"{where}: {exc.reason}", EXIT_INVALID) from exc
