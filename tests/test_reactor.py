@@ -46,3 +46,34 @@ def test_malformed_bodies_are_left_to_pynetdicom(body: bytes) -> None:
 def test_one_item_pdu_is_encoded_as_pynetdicom_does() -> None:
     pdv = b"\x03" + bytes(range(200))
     assert encode_p_data_tf(7, pdv) == _pdu([(7, pdv)])
+
+
+@pytest.mark.timeout(30)
+def test_idle_acceptor_thread_is_woken_by_an_indication(monkeypatch) -> None:
+    """An acceptor's association thread waits long when idle, but a release or abort
+    indication from the DUL (or a DIMSE message) wakes it at once."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from node import reactor
+
+    monkeypatch.setattr(reactor, "ACCEPTOR_IDLE_WAIT", 60.0)  # longer than the test may last
+
+    def idle_assoc() -> SimpleNamespace:
+        return SimpleNamespace(is_acceptor=True, _kill=False, dimse=SimpleNamespace(msg_queue=queue.Queue()),
+                               dul=SimpleNamespace(to_user_queue=queue.Queue()))
+
+    for wake in ("indication", "message"):
+        assoc = idle_assoc()
+        waiter = threading.Thread(target=reactor._association_wait, args=(assoc, 0.001), daemon=True)
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive()  # nothing to do: still waiting
+        if wake == "indication":
+            assoc.dul.to_user_queue.put("A-RELEASE")  # what pynetdicom's DUL does (AR-2)
+        else:
+            assoc.dimse.msg_queue.put((1, "C-FIND-RQ"))
+        waiter.join(10)
+        assert not waiter.is_alive(), f"not woken by a {wake}"
+        assert isinstance(assoc.dul.to_user_queue, reactor._IndicationQueue)
