@@ -248,33 +248,29 @@ def _get_or_insert(st: Statements, model: type[BaseModel], lookup_sql: str, key:
 
 @dataclass(frozen=True)
 class IndexEntry:
-    """The column values :func:`index_instance` writes for one dataset, read in one go.
+    """The column values :func:`index_instance` writes for one dataset.
 
-    Reading them costs about 0.5 ms of pydicom access per CT slice: the C-STORE path has a
-    worker do it (:func:`entry_for`) while the association's thread waits for the fsync, so
-    the write transaction holds only the SQL.
+    Reading them costs pydicom access, so the C-STORE path has a worker read them
+    (:func:`entry_for`) while the data still arrives, and the write transaction holds only the
+    SQL. The patient, study and series columns are written only by the first instance of a
+    series: they are read from ``ds`` when asked for, not for every instance.
     """
 
+    ds: Dataset
     sop_uid: str
     series_uid: str
     study_uid: str
-    patient: dict[str, Any]
-    study: dict[str, Any]
-    series: dict[str, Any]
     instance: dict[str, Any]
 
+    def patient(self) -> dict[str, Any]:
+        ds = self.ds
+        return {"patient_id": _text(ds, "PatientID", 64), "issuer": _text(ds, "IssuerOfPatientID", 64),
+                "patient_name": _text(ds, "PatientName", 324), "birth_date": _text(ds, "PatientBirthDate", 8),
+                "sex": _text(ds, "PatientSex", 16)}
 
-def entry_for(ds: Dataset) -> IndexEntry:
-    """What the index keeps of ``ds`` (patient, study, series and instance columns)."""
-    attrs = _extra_attrs(ds)
-    return IndexEntry(
-        sop_uid=_text(ds, "SOPInstanceUID", 64),
-        series_uid=_text(ds, "SeriesInstanceUID", 64),
-        study_uid=_text(ds, "StudyInstanceUID", 64),
-        patient={"patient_id": _text(ds, "PatientID", 64), "issuer": _text(ds, "IssuerOfPatientID", 64),
-                 "patient_name": _text(ds, "PatientName", 324), "birth_date": _text(ds, "PatientBirthDate", 8),
-                 "sex": _text(ds, "PatientSex", 16)},
-        study={
+    def study(self) -> dict[str, Any]:
+        ds = self.ds
+        return {
             "study_date": _text(ds, "StudyDate", 8),
             "study_time": _text(ds, "StudyTime", 16),
             "accession_number": _text(ds, "AccessionNumber", 16),
@@ -282,8 +278,11 @@ def entry_for(ds: Dataset) -> IndexEntry:
             "study_description": _text(ds, "StudyDescription", 64),
             "referring_physician": _text(ds, "ReferringPhysicianName", 324),
             "requested_procedure": _text(ds, "RequestedProcedureDescription", 64),
-        },
-        series={
+        }
+
+    def series(self) -> dict[str, Any]:
+        ds = self.ds
+        return {
             "modality": _text(ds, "Modality", 16),
             "series_number": _text(ds, "SeriesNumber", 12),
             "series_description": _text(ds, "SeriesDescription", 64),
@@ -294,7 +293,17 @@ def entry_for(ds: Dataset) -> IndexEntry:
             "laterality": _text(ds, "Laterality", 16),
             "manufacturer": _text(ds, "Manufacturer", 64),
             "software_versions": _text(ds, "SoftwareVersions", 64),
-        },
+        }
+
+
+def entry_for(ds: Dataset) -> IndexEntry:
+    """What the index keeps of ``ds``: the instance columns now, the other levels on demand."""
+    attrs = _extra_attrs(ds)
+    return IndexEntry(
+        ds=ds,
+        sop_uid=_text(ds, "SOPInstanceUID", 64),
+        series_uid=_text(ds, "SeriesInstanceUID", 64),
+        study_uid=_text(ds, "StudyInstanceUID", 64),
         instance={
             "sop_class_uid": _text(ds, "SOPClassUID", 64),
             "instance_number": _int(ds, "InstanceNumber"),
@@ -335,18 +344,18 @@ def index_instance(
         series_id = found[0]
         st.update(Series, series_id, {"last_received": now})
     else:
-        patient = entry.patient
+        patient = entry.patient()
         patient_id = _get_or_insert(
             st, Patient, 'SELECT "id" FROM "patient" WHERE "patient_id" = ? AND "issuer" = ?',
             [patient["patient_id"], patient["issuer"]], patient,
         )
         study_id = _get_or_insert(
             st, Study, 'SELECT "id" FROM "study" WHERE "study_uid" = ?', [entry.study_uid],
-            {"study_uid": entry.study_uid, "patient": patient_id, **entry.study},
+            {"study_uid": entry.study_uid, "patient": patient_id, **entry.study()},
         )
         series_id = _get_or_insert(
             st, Series, 'SELECT "id" FROM "series" WHERE "series_uid" = ?', [series_uid],
-            {"series_uid": series_uid, "study": study_id, **entry.series, "is_model": is_model,
+            {"series_uid": series_uid, "study": study_id, **entry.series(), "is_model": is_model,
              "last_received": now},
         )
     fields: dict[str, Any] = {
