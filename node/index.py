@@ -263,37 +263,37 @@ class IndexEntry:
     instance: dict[str, Any]
 
     def patient(self) -> dict[str, Any]:
-        ds = self.ds
-        return {"patient_id": _text(ds, "PatientID", 64), "issuer": _text(ds, "IssuerOfPatientID", 64),
-                "patient_name": _text(ds, "PatientName", 324), "birth_date": _text(ds, "PatientBirthDate", 8),
-                "sex": _text(ds, "PatientSex", 16)}
+        return _columns(self.ds, _PATIENT_COLUMNS)
 
     def study(self) -> dict[str, Any]:
-        ds = self.ds
-        return {
-            "study_date": _text(ds, "StudyDate", 8),
-            "study_time": _text(ds, "StudyTime", 16),
-            "accession_number": _text(ds, "AccessionNumber", 16),
-            "study_id": _text(ds, "StudyID", 16),
-            "study_description": _text(ds, "StudyDescription", 64),
-            "referring_physician": _text(ds, "ReferringPhysicianName", 324),
-            "requested_procedure": _text(ds, "RequestedProcedureDescription", 64),
-        }
+        return _columns(self.ds, _STUDY_COLUMNS)
 
     def series(self) -> dict[str, Any]:
-        ds = self.ds
-        return {
-            "modality": _text(ds, "Modality", 16),
-            "series_number": _text(ds, "SeriesNumber", 12),
-            "series_description": _text(ds, "SeriesDescription", 64),
-            "series_date": _text(ds, "SeriesDate", 8),
-            "series_time": _text(ds, "SeriesTime", 16),
-            "body_part": _text(ds, "BodyPartExamined", 16),
-            "protocol_name": _text(ds, "ProtocolName", 64),
-            "laterality": _text(ds, "Laterality", 16),
-            "manufacturer": _text(ds, "Manufacturer", 64),
-            "software_versions": _text(ds, "SoftwareVersions", 64),
-        }
+        return _columns(self.ds, _SERIES_COLUMNS)
+
+
+# (column, attribute keyword, length limit) of the text columns of each level.
+_PATIENT_COLUMNS = (
+    ("patient_id", "PatientID", 64), ("issuer", "IssuerOfPatientID", 64), ("patient_name", "PatientName", 324),
+    ("birth_date", "PatientBirthDate", 8), ("sex", "PatientSex", 16),
+)
+_STUDY_COLUMNS = (
+    ("study_date", "StudyDate", 8), ("study_time", "StudyTime", 16), ("accession_number", "AccessionNumber", 16),
+    ("study_id", "StudyID", 16), ("study_description", "StudyDescription", 64),
+    ("referring_physician", "ReferringPhysicianName", 324),
+    ("requested_procedure", "RequestedProcedureDescription", 64),
+)
+_SERIES_COLUMNS = (
+    ("modality", "Modality", 16), ("series_number", "SeriesNumber", 12),
+    ("series_description", "SeriesDescription", 64), ("series_date", "SeriesDate", 8),
+    ("series_time", "SeriesTime", 16), ("body_part", "BodyPartExamined", 16), ("protocol_name", "ProtocolName", 64),
+    ("laterality", "Laterality", 16), ("manufacturer", "Manufacturer", 64),
+    ("software_versions", "SoftwareVersions", 64),
+)
+
+
+def _columns(ds: Dataset, spec: tuple[tuple[str, str, int], ...]) -> dict[str, Any]:
+    return {column: _text(ds, keyword, limit) for column, keyword, limit in spec}
 
 
 def entry_for(ds: Dataset) -> IndexEntry:
