@@ -50,7 +50,8 @@ class _ReactorClock:
     response sent), so on loopback pynetdicom spent more time asleep than working: a bare
     pynetdicom SCP took 1.10 s for 200 CT slices with 1 ms turns, 0.67 s with 0.1 ms turns
     (2 cores, storescu), and shorter sleeps burn the CPU that the handler and the sender need.
-    Instead each reactor now sleeps until what it waits for happens (1 ms at most, as before):
+    Instead each reactor now sleeps until what it waits for happens (at most 1 ms, as before,
+    but for an idle acceptor's association thread):
 
     * the association reactor, until the DIMSE layer queues a message; an acceptor's also until
       the DUL queues an indication for it (release or abort: :class:`_IndicationQueue`), and
