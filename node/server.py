@@ -18,6 +18,7 @@ Services (see docs/dimse.md for the conformance statement):
 from __future__ import annotations
 
 import copy
+import faulthandler
 import importlib
 import itertools
 import logging
@@ -383,6 +384,9 @@ def serve(config: Config) -> int:
         stop_requested.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal under systemd): what
+    # a stuck association is waiting for, without stopping the node.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         node.start(block=False)
         # Event.wait with a timeout keeps the main thread responsive to signals.
