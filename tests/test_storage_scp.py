@@ -642,3 +642,18 @@ def test_sigkill_during_store_loses_no_acknowledged_instance(tmp_path):
         assert query(n, "SELECT count(*) FROM instance") == [(200,)]
     finally:
         n.stop()
+
+
+@pytest.mark.timeout(60)
+def test_sigusr1_dumps_thread_stacks_and_the_node_keeps_serving(node):
+    import signal
+    import time
+
+    os.kill(node.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while " in serve\n" not in node.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = node.log()
+    # faulthandler's dump: every thread (the server's too), the main one waiting in serve()
+    assert "Thread 0x" in log and " in serve\n" in log and "in serve_forever" in log
+    assert_serving(node)
