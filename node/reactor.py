@@ -24,6 +24,7 @@ import struct
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any, cast
 
 from pynetdicom import evt
@@ -223,8 +224,6 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
     return buf
 
 
-
-
 # --------------------------------------------------------------------------- reading a PDU
 
 _PDU_HEADER = struct.Struct(">BBL")
@@ -263,9 +262,7 @@ def _read_one_pdu(self: DULServiceProvider) -> bool:
     try:
         head = sock.recv(6)
     except (OSError, TimeoutError) as exc:
-        _pynetdicom_log.error("Connection closed before the entire PDU was received")
-        _pynetdicom_log.exception(exc)
-        self.event_queue.put("Evt17")  # transport connection closed
+        _connection_lost(self, exc)
         return False
     if len(head) != 6:
         self.event_queue.put("Evt17")
@@ -278,9 +275,7 @@ def _read_one_pdu(self: DULServiceProvider) -> bool:
     try:
         body = sock.recv(length)
     except (OSError, TimeoutError) as exc:
-        _pynetdicom_log.error("Connection closed before the entire PDU was received")
-        _pynetdicom_log.exception(exc)
-        self.event_queue.put("Evt17")
+        _connection_lost(self, exc)
         return False
     if len(body) != length:
         _pynetdicom_log.error(f"The received PDU is shorter than expected ({6 + len(body)} of "
@@ -308,18 +303,33 @@ def _read_one_pdu(self: DULServiceProvider) -> bool:
     return False
 
 
+def _connection_lost(dul: DULServiceProvider, exc: BaseException) -> None:
+    _pynetdicom_log.error("Connection closed before the entire PDU was received")
+    _pynetdicom_log.exception(exc)
+    dul.event_queue.put("Evt17")  # transport connection closed
+
+
 def _more_of_this_message(dul: DULServiceProvider) -> bool:
     """A DIMSE message is half received, its next PDU is readable, and nothing else waits."""
     return (dul.assoc.dimse.message is not None and not dul._kill_thread and not dul.to_provider_queue.qsize()
             and not dul.event_queue.qsize() and cast(AssociationSocket, dul.socket).ready)
 
 
+def only_library_handlers(assoc: Any, event: Any, standard: Callable[..., Any] | None = None) -> bool:
+    """Nothing is bound to ``event`` but pynetdicom's own ``standard`` logging handler (if any).
+
+    The short paths here and in node.store_dimse skip some of pynetdicom's events; they are
+    taken only when nobody (a user, a test, a plugin) listens to those events.
+    """
+    return all(handler[0] is standard for handler in assoc.get_handlers(event))
+
+
 def _direct(dul: DULServiceProvider) -> bool:
     """Whether a P-DATA-TF may skip the FSM and the events (see :func:`_read_pdu_data`)."""
     assoc = dul.assoc
     return (dul.state_machine.current_state == "Sta6" and not dul.event_queue.qsize()
-            and not assoc.get_handlers(evt.EVT_DATA_RECV) and not assoc.get_handlers(evt.EVT_FSM_TRANSITION)
-            and all(h[0] is standard_pdu_recv_handler for h in assoc.get_handlers(evt.EVT_PDU_RECV)))
+            and only_library_handlers(assoc, evt.EVT_DATA_RECV) and only_library_handlers(assoc, evt.EVT_FSM_TRANSITION)
+            and only_library_handlers(assoc, evt.EVT_PDU_RECV, standard_pdu_recv_handler))
 
 
 def send_now(dul: DULServiceProvider, context_id: int, pdv: bytes) -> bool:
@@ -332,8 +342,8 @@ def send_now(dul: DULServiceProvider, context_id: int, pdv: bytes) -> bool:
     that path would trigger.
     """
     if (threading.current_thread() is not dul or dul.state_machine.current_state != "Sta6"
-            or dul.to_provider_queue.qsize() or dul.assoc.get_handlers(evt.EVT_FSM_TRANSITION)
-            or not all(h[0] is standard_pdu_sent_handler for h in dul.assoc.get_handlers(evt.EVT_PDU_SENT))):
+            or dul.to_provider_queue.qsize() or not only_library_handlers(dul.assoc, evt.EVT_FSM_TRANSITION)
+            or not only_library_handlers(dul.assoc, evt.EVT_PDU_SENT, standard_pdu_sent_handler)):
         return False
     cast(AssociationSocket, dul.socket).send(encode_p_data_tf(context_id, pdv))
     return True

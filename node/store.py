@@ -95,8 +95,9 @@ IMPLEMENTATION_VERSION = "MODELNODE_01"
 
 # The work beside each C-STORE's own thread: headers parsed while the data arrives, files
 # fsynced and parsed while the handler checks and indexes, directories fsynced while it
-# commits, spare receive files created. Up to three of those run at once for one C-STORE: prepare() sizes the pool to three
-# workers per allowed association (threads start only when needed).
+# commits, spare receive files created. Up to three of those run at once for one C-STORE:
+# prepare() sizes the pool to three workers per allowed association (threads start only when
+# needed).
 _WORKERS_PER_ASSOCIATION = 3
 _sync_pool = ThreadPoolExecutor(max_workers=2 * _WORKERS_PER_ASSOCIATION, thread_name_prefix="store")
 

@@ -34,6 +34,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import RawDataStorage
 from pynetdicom import _config, dimse_messages, evt
 from pynetdicom._handlers import standard_dimse_recv_handler, standard_dimse_sent_handler
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -164,7 +165,7 @@ class StoreRequest:
 
 def _plain_receive(assoc: Any) -> bool:
     return (_config.STORE_RECV_CHUNKED_DATASET and not _pynetdicom_log.isEnabledFor(logging.INFO)
-            and all(h[0] is standard_dimse_recv_handler for h in assoc.get_handlers(evt.EVT_DIMSE_RECV)))
+            and reactor.only_library_handlers(assoc, evt.EVT_DIMSE_RECV, standard_dimse_recv_handler))
 
 
 _library_receive_primitive = DIMSEServiceProvider.receive_primitive
@@ -214,9 +215,6 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
     _library_receive_primitive(self, primitive)
 
 
-RAW_DATA_STORAGE = "1.2.840.10008.5.1.4.1.1.66"
-
-
 def _serve_here(dimse: DIMSEServiceProvider, request: C_STORE) -> bool:
     """Whether the thread that received ``request`` (the DUL reactor) may also serve it.
 
@@ -232,7 +230,7 @@ def _serve_here(dimse: DIMSEServiceProvider, request: C_STORE) -> bool:
     """
     assoc = dimse.assoc
     return (assoc.is_acceptor and assoc.is_established and not assoc._is_paused and not dimse.msg_queue.qsize()
-            and request.AffectedSOPClassUID != RAW_DATA_STORAGE)
+            and request.AffectedSOPClassUID != RawDataStorage)
 
 
 def _serve(dimse: DIMSEServiceProvider, request: C_STORE, context_id: int) -> None:
@@ -295,17 +293,14 @@ def encode_command(primitive: C_STORE) -> bytes | None:
 _library_send_msg = DIMSEServiceProvider.send_msg
 
 
-def _only_standard_handlers(assoc: Any) -> bool:
-    return all(handler[0] is standard_dimse_sent_handler for handler in assoc.get_handlers(evt.EVT_DIMSE_SENT))
-
-
 def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
     """``DIMSEServiceProvider.send_msg`` with C-STORE-RSP encoded by :func:`encode_command`.
 
     The event skipped, ``EVT_DIMSE_SENT``, has only pynetdicom's logging handler bound, and that
     handler does nothing for a C-STORE-RSP (pynetdicom 3.0.4).
     """
-    if type(primitive) is C_STORE and _only_standard_handlers(self.assoc):
+    if type(primitive) is C_STORE and reactor.only_library_handlers(self.assoc, evt.EVT_DIMSE_SENT,
+                                                                    standard_dimse_sent_handler):
         command = encode_command(primitive)
         limit = self.maximum_pdu_size
         if command is not None and (limit == 0 or len(command) <= limit - 6):  # one fragment, as pynetdicom
