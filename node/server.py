@@ -49,6 +49,7 @@ from node.app import App, open_app
 from node.config import Config, ConfigError
 from node.context import NodeContext
 from node.db import _redact
+from node.dimse import compat
 
 log = logging.getLogger("modelnode.server")
 
@@ -106,9 +107,13 @@ def _tune_pynetdicom() -> None:
     * The DUL and association reactors tuned (:mod:`node.reactor`).
     * C-STORE-RQ decoded and C-STORE-RSP encoded by hand (:mod:`node.store_dimse`).
     * :func:`_copy_contexts` for the per-association copy of the supported contexts.
+
+    Nothing is patched unless the installed pynetdicom is the version these patches were written
+    for (:func:`node.dimse.compat.check` raises :class:`~node.dimse.compat.IncompatibleLibrary`).
     """
     from pynetdicom import transport
 
+    compat.check()
     _config.STORE_RECV_CHUNKED_DATASET = True
     reactor.install()
     store_dimse.install()

@@ -26,6 +26,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.verbose or args.quiet:
         logging.getLogger().setLevel(logging.ERROR if args.quiet else logging.DEBUG if args.verbose > 1 else logging.INFO)
 
+    from node.dimse import compat
+
+    try:
+        # Before node.server is imported: its modules keep references to the library's functions.
+        compat.check()
+    except compat.IncompatibleLibrary as exc:
+        logging.getLogger("modelnode.server").critical("refusing to start: %s", exc)
+        raise CliError(f"refusing to start: {exc}") from exc
     from node.server import serve  # late: pynetdicom is only needed by this command
 
     try:
