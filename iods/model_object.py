@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import os
 import re
 import tempfile
@@ -159,6 +160,68 @@ class PayloadInfo:
 # --------------------------------------------------------------------------- encode
 
 
+class _EvenLengthReader(io.BufferedIOBase):
+    """The first ``length`` bytes of ``source``, then one 00H if ``length`` is odd.
+
+    PS3.5 7.1.1 wants every value of even length, OB padded with a single trailing 00H.
+    pydicom's buffered-value writer takes the value length from seeking this buffer to its end
+    and then copies it chunk by chunk, so the padded length is in the header and the pad byte in
+    the file, and the payload is never read into memory. ``source`` stays open and is not
+    closed with this reader; it must not change between hashing and writing. ``progress``, if
+    given, is told the size of each chunk read.
+    """
+
+    def __init__(
+        self, source: BinaryIO, length: int, progress: Callable[[int], None] | None = None
+    ) -> None:
+        super().__init__()
+        self._source = source
+        self._progress = progress
+        self._length = length
+        self._size = length + (length & 1)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError("read from a closed payload reader")
+        want = self._size - self._pos if size is None or size < 0 else size
+        want = max(0, min(want, self._size - self._pos))
+        data = b""
+        if want and self._pos < self._length:
+            self._source.seek(self._pos)
+            data = self._source.read(min(want, self._length - self._pos))
+            if len(data) < min(want, self._length - self._pos):
+                # The header already promised the hashed length; a short file would corrupt it.
+                raise OSError(
+                    f"payload source ended at {self._pos + len(data)} of {self._length} bytes "
+                    "(changed while being packed)"
+                )
+        if len(data) < want:
+            data += b"\x00"  # the pad: only ever the one byte past an odd payload
+        self._pos += len(data)
+        if self._progress and data:
+            self._progress(len(data))
+        return data
+
+    read1 = read
+
+
 def _code_item(code: Code) -> Dataset:
     item = Dataset()
     item.CodeValue = code.value
@@ -200,8 +263,10 @@ def encode(
 ) -> Dataset:
     """Build the model object for ``onnx_payload`` (bytes, or a binary file opened for reading).
 
-    A file object is not read into memory: the dataset keeps it as a buffered OB value and
-    pydicom streams it when the dataset is written, so callers must keep it open until then.
+    A file object is not read into memory: the dataset keeps it, wrapped in an
+    ``_EvenLengthReader``, as a buffered OB value and pydicom streams it when the dataset is
+    written, so callers must keep it open until then. Either way the OB value has even length
+    (an odd payload gets one trailing 00H) and the length element holds the true payload length.
     With ``verify`` the payload is checked exactly as :func:`decode` would check it, so nothing
     that the node would later refuse can be packed.
     """
@@ -283,7 +348,14 @@ def encode(
     block.add_new(EL_SHA256, "LO", info.sha256)
     block.add_new(EL_SCHEMA, "LO", card.schema)
     block.add_new(EL_CARD, "UT", card.to_json())
-    payload = onnx_payload if not isinstance(onnx_payload, (bytearray, memoryview)) else bytes(onnx_payload)
+    payload: bytes | _EvenLengthReader
+    if isinstance(onnx_payload, (bytes, bytearray, memoryview)):
+        # pydicom pads a bytes value itself and writes the padded length.
+        payload = bytes(onnx_payload)
+    else:
+        # For a buffered value pydicom writes the buffer's own length, odd or not, and then a pad
+        # byte after it (0.1.0's bug): hand it a buffer that is already even.
+        payload = _EvenLengthReader(onnx_payload, info.length)
     block.add_new(EL_PAYLOAD, "OB", payload)
 
     meta = FileMetaDataset()
@@ -438,7 +510,8 @@ def decode(ds: Dataset, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[byte
     if tag not in ds:
         raise TruncatedPayload("model object has no payload element: the file is truncated or stripped")
     payload = _raw_bytes(ds[tag])
-    # The OB value is padded to an even length; the true length is recorded separately.
+    # An odd payload's OB value carries one pad byte past the recorded length. 0.1.0 wrote the
+    # odd length itself (the stray pad byte then follows the element): exactly the recorded length.
     if len(payload) == header.length + 1 and header.length % 2 == 1:
         payload = payload[:-1]
     _check_digest(header, len(payload), hashlib.sha256(payload).hexdigest())
@@ -519,6 +592,85 @@ def unpack_file(
         out.flush()
         _verify_onnx(Path(out.name), header.card)
     return header.card
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    """What :func:`repair_file` did: ``changes`` names each fix, empty if none was needed."""
+
+    card: ModelCard
+    uid: str
+    length: int
+    changes: tuple[str, ...]
+
+    @property
+    def was_conformant(self) -> bool:
+        return not self.changes
+
+
+def repair_file(
+    dcm_path: str | Path,
+    out_path: str | Path,
+    *,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    progress: Callable[[int], None] | None = None,
+) -> RepairResult:
+    """Rewrite a model object with an even-length payload value, keeping everything else.
+
+    0.1.0 wrote an odd payload's OB value with its odd length and a stray pad byte after it, which
+    dcmtk and dicom3tools refuse to read. The object is verified exactly as :func:`unpack_file`
+    verifies it, its verified payload is streamed into a temporary file beside ``out_path``, and
+    the object is written from that file with the same SOP Instance UID and attributes, in
+    Explicit VR Little Endian, the private elements with their own VRs even if they arrived as UN.
+    The output appears atomically. An object that needed no fix is written as pydicom read it:
+    byte for byte the same for one that modelnode wrote.
+    ``progress`` sees the payload twice: verifying, then writing.
+    """
+    dcm_path, out_path = Path(dcm_path), Path(out_path)
+    ds = read_file(dcm_path)
+    changes: list[str] = []
+    start = _find_block_start(ds)
+    for offset in _VRS if start is not None else ():
+        # A PACS without our dictionary may have returned the block as UN (Explicit VR). Look
+        # before _read_header parses the elements and pydicom gives them their dictionary VRs.
+        raw_elem = ds.get_item((PRIVATE_GROUP << 16) | start | offset, keep_deferred=True)
+        if raw_elem is not None and raw_elem.VR == "UN":
+            changes.append(f"({PRIVATE_GROUP:04X},{start | offset:04X}) UN -> {_VRS[offset]}")
+    header = _read_header(ds, max_payload)
+    tag = (PRIVATE_GROUP << 16) | header.block | EL_PAYLOAD
+    raw = ds.get_item(tag, keep_deferred=True) if tag in ds else None
+    if raw is None:
+        raise TruncatedPayload(f"{dcm_path} has no payload element: truncated or stripped")
+    if raw.length % 2:
+        changes.append(f"payload value length {raw.length} is odd: padded to {raw.length + 1}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp:
+        verified = Path(tmp) / "payload.onnx"
+        card = unpack_file(dcm_path, verified, max_payload=max_payload, progress=progress)
+        for offset in (EL_FORMAT, EL_LENGTH, EL_SHA256, EL_SCHEMA, EL_CARD):
+            elem_tag = tag - EL_PAYLOAD + offset
+            # Parsing it (ds[...]) gives a UN element its dictionary VR; left raw, pydicom would
+            # write it back as UN. Should the lookup not apply, set the VR ourselves.
+            if elem_tag in ds and ds[elem_tag].VR != _VRS[offset]:
+                elem = ds[elem_tag]
+                value = _uint(elem) if offset == EL_LENGTH else _text(elem)
+                ds[elem_tag] = DataElement(elem_tag, _VRS[offset], value)
+        meta = ds.file_meta
+        if meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian:
+            was = meta.get("TransferSyntaxUID")
+            changes.append(f"transfer syntax {was} -> {ExplicitVRLittleEndian}")
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        # PS3.10 7.1: the implementation named in the file meta is the one that wrote the file.
+        if meta.get("ImplementationClassUID") != IMPLEMENTATION_CLASS_UID or (
+            meta.get("ImplementationVersionName") != IMPLEMENTATION_VERSION
+        ):
+            changes.append(f"written by {IMPLEMENTATION_VERSION}")
+            meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+            meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        with open(verified, "rb") as fh:
+            ds[tag] = DataElement(tag, "OB", _EvenLengthReader(fh, header.length, progress))
+            write(ds, out_path)
+    return RepairResult(card, str(ds.SOPInstanceUID), header.length, tuple(changes))
 
 
 # --------------------------------------------------------------------------- ONNX checks

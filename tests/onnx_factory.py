@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -61,3 +64,35 @@ def classification_model(classes: int = 3, channels: int = 1, size: int = 32) ->
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def segmentation_model_of_parity(odd: bool, seed: int = 0, weight_elems: int = 0) -> bytes:
+    """:func:`segmentation_model` serialized to an odd or an even number of bytes.
+
+    A doc_string of n < 128 bytes adds 2 + n bytes to the model, so an odd n flips the parity;
+    the graph and its signature are untouched.
+    """
+    data = segmentation_model(seed=seed, weight_elems=weight_elems)
+    if len(data) % 2 != odd:
+        model = onnx.load_model_from_string(data)
+        model.doc_string = "padding"
+        data = model.SerializeToString()
+    assert len(data) % 2 == odd, f"{len(data)} bytes, wanted {'odd' if odd else 'even'}"
+    onnx.checker.check_model(data)
+    return data
+
+
+def write_0_1_0_model_object(onnx_path: Path, card: Any, out: Path) -> None:
+    """Pack ``onnx_path`` byte for byte as modelnode 0.1.0's ``pack_file`` did.
+
+    0.1.0 gave pydicom the open ONNX file itself as the OB value; pydicom writes such a buffer's
+    own length, odd or not, and then a pad byte after the element, which PS3.5 readers refuse.
+    Only the payload element's value differs from what ``encode`` builds today.
+    """
+    from iods import model_object as mo
+
+    with open(onnx_path, "rb") as fh:
+        ds = mo.encode(fh, card)
+        block = ds.private_block(mo.PRIVATE_GROUP, mo.PRIVATE_CREATOR)
+        block[mo.EL_PAYLOAD].value = fh
+        mo.write(ds, out)

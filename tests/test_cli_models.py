@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from cards import SEGMENTATION_TOML
-from onnx_factory import segmentation_model
+from cards import SEGMENTATION_TOML, segmentation_card_dict
+from onnx_factory import segmentation_model, segmentation_model_of_parity, write_0_1_0_model_object
+
+from iods.card import parse_card
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -87,7 +89,57 @@ def test_refusals_have_testable_exit_codes_and_write_nothing(tmp_path, files):
 
 
 def test_every_models_action_has_help(tmp_path):
-    for action in ("pack", "unpack", "add", "list", "show", "remove"):
+    for action in ("pack", "unpack", "repair", "add", "list", "show", "remove"):
         res = modelnode("models", action, "--help", data_dir=tmp_path)
         assert "usage: modelnode models " + action in res.stdout
     assert "exit codes" in modelnode("--help", data_dir=tmp_path).stdout
+
+
+@pytest.mark.timeout(120)
+def test_repair_rewrites_a_0_1_0_object_with_the_same_uid(tmp_path):
+    onnx_bytes = segmentation_model_of_parity(True)
+    assert len(onnx_bytes) % 2 == 1
+    onnx_path, card = tmp_path / "model.onnx", tmp_path / "card.toml"
+    onnx_path.write_bytes(onnx_bytes)
+    card.write_text(SEGMENTATION_TOML)
+    data = tmp_path / "data"
+    old, new = tmp_path / "0.1.0.dcm", tmp_path / "new.dcm"
+    write_0_1_0_model_object(onnx_path, parse_card(segmentation_card_dict()), old)
+    uid = pydicom.dcmread(old, stop_before_pixels=True).SOPInstanceUID
+
+    res = modelnode("models", "repair", str(old), "-o", str(new), data_dir=data)
+    assert f"({uid}) repaired (payload value length {len(onnx_bytes)} is odd" in res.stdout
+    assert pydicom.dcmread(new, stop_before_pixels=True).SOPInstanceUID == uid
+    modelnode("models", "unpack", str(new), "-o", str(tmp_path / "back.onnx"), data_dir=data)
+    assert (tmp_path / "back.onnx").read_bytes() == onnx_bytes
+    packed = tmp_path / "packed.dcm"
+    modelnode("models", "pack", str(onnx_path), "--card", str(card), "-o", str(packed), data_dir=data)
+    assert new.read_bytes() == packed.read_bytes()
+
+    again = tmp_path / "again.dcm"
+    res = modelnode("models", "repair", str(new), "-o", str(again), data_dir=data)
+    assert "already conformant, nothing to repair" in res.stdout
+    assert again.read_bytes() == new.read_bytes()
+
+
+@pytest.mark.timeout(120)
+def test_repair_refusals_have_the_usual_exit_codes_and_write_nothing(tmp_path, files):
+    onnx_path, _ = files
+    data = tmp_path / "data"
+    old = tmp_path / "0.1.0.dcm"
+    write_0_1_0_model_object(onnx_path, parse_card(segmentation_card_dict()), old)
+    raw = bytearray(old.read_bytes())
+    raw[-20] ^= 0x55
+    bad = tmp_path / "tampered.dcm"
+    bad.write_bytes(bytes(raw))
+    out = tmp_path / "out" / "new.dcm"
+    res = modelnode("models", "repair", str(bad), "-o", str(out), data_dir=data, check_rc=3)
+    assert "checksum-mismatch" in res.stderr
+    res = modelnode("models", "repair", str(onnx_path), "-o", str(out), data_dir=data, check_rc=3)
+    assert "not-a-model-object" in res.stderr
+    res = modelnode("models", "repair", str(old), "-o", str(out), "--max-payload", "64", data_dir=data,
+                    check_rc=3)
+    assert "payload-too-large" in res.stderr
+    modelnode("models", "repair", str(tmp_path / "missing.dcm"), "-o", str(out), data_dir=data, check_rc=4)
+    modelnode("models", "repair", str(old), data_dir=data, check_rc=2)  # -o is required
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []

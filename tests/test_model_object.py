@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import subprocess
 from dataclasses import replace
+from pathlib import Path
 
 import pydicom
 import pytest
 from cards import segmentation_card_dict
-from onnx_factory import classification_model, segmentation_model
+from onnx_factory import (
+    classification_model,
+    segmentation_model,
+    segmentation_model_of_parity,
+    write_0_1_0_model_object,
+)
 from peers import require
 from pydicom.dataelem import DataElement
 from pydicom.uid import ImplicitVRLittleEndian
@@ -18,6 +26,8 @@ from iods import model_object as mo
 from iods.card import parse_card
 
 pytestmark = pytest.mark.timeout(30)
+
+REFERENCE = Path(__file__).resolve().parent.parent / "models" / "reference"
 
 
 def _tag(offset: int) -> int:
@@ -229,3 +239,163 @@ def test_a_ct_image_is_not_a_model_object():
     assert not mo.is_model_object(ds)
     with pytest.raises(mo.NotAModelObject):
         mo.decode(ds)
+
+
+# ---------------------------------------------------------------- even value length (issue 13)
+
+
+def _payload_value(path) -> tuple[int, int]:
+    """The payload element's declared value length and the file offset of its value."""
+    ds = pydicom.dcmread(path, defer_size="1 KB")
+    raw = ds.get_item(_tag(mo.EL_PAYLOAD), keep_deferred=True)
+    return raw.length, raw.value_tell
+
+
+def _assert_padded(path, payload: bytes) -> None:
+    """PS3.5 7.1.1: an even value length, an odd payload padded with one trailing 00H."""
+    length, at = _payload_value(path)
+    data = path.read_bytes()
+    assert length == len(payload) + len(payload) % 2
+    assert len(data) == at + length, "nothing may follow the payload element"
+    assert data[at:at + len(payload)] == payload
+    assert data[at + len(payload):] == b"\x00" * (len(payload) % 2)
+    assert pydicom.dcmread(path)[_tag(mo.EL_LENGTH)].value == len(payload)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("weight_elems", [0, 80_000], ids=["in-memory", "deferred"])
+@pytest.mark.parametrize("odd", [True, False], ids=["odd", "even"])
+def test_payload_value_is_even_on_every_write_path(tmp_path, seg_card, odd, weight_elems):
+    # 80 000 float weights put the payload over read_file's 256 KB deferral: unpack streams it.
+    onnx_bytes = segmentation_model_of_parity(odd, weight_elems=weight_elems)
+    assert len(onnx_bytes) % 2 == odd
+    src = tmp_path / "model.onnx"
+    src.write_bytes(onnx_bytes)
+    by_file, by_bytes, by_stream = tmp_path / "file.dcm", tmp_path / "bytes.dcm", tmp_path / "stream.dcm"
+    mo.pack_file(src, seg_card, by_file)
+    mo.write(mo.encode(onnx_bytes, seg_card), by_bytes)
+    mo.write(mo.encode(io.BytesIO(onnx_bytes), seg_card), by_stream)
+    for path in (by_file, by_bytes, by_stream):
+        _assert_padded(path, onnx_bytes)
+        assert mo.decode(pydicom.dcmread(path))[0] == onnx_bytes
+        mo.unpack_file(path, tmp_path / "back.onnx")
+        assert (tmp_path / "back.onnx").read_bytes() == onnx_bytes
+    assert by_file.read_bytes() == by_bytes.read_bytes() == by_stream.read_bytes()
+
+
+@pytest.fixture(params=[0, 80_000], ids=["in-memory", "deferred"])
+def legacy(request, tmp_path, seg_card):
+    """An odd payload packed as 0.1.0 did, and the same model packed today."""
+    onnx_bytes = segmentation_model_of_parity(True, weight_elems=request.param)
+    assert len(onnx_bytes) % 2 == 1
+    src = tmp_path / "model.onnx"
+    src.write_bytes(onnx_bytes)
+    old, new = tmp_path / "0.1.0.dcm", tmp_path / "today.dcm"
+    write_0_1_0_model_object(src, seg_card, old)
+    mo.pack_file(src, seg_card, new)
+    return old, new, onnx_bytes
+
+
+@pytest.mark.timeout(60)
+def test_a_0_1_0_object_with_its_odd_length_still_decodes_and_unpacks(tmp_path, legacy):
+    old, new, onnx_bytes = legacy
+    # 0.1.0's layout: the odd length itself, then the stray pad byte after the element.
+    length, at = _payload_value(old)
+    data = old.read_bytes()
+    assert length == len(onnx_bytes) and length % 2 == 1
+    assert data[at:] == onnx_bytes + b"\x00"
+    # Byte for byte today's object but for the length field just before the value.
+    assert data[:at - 4] + data[at:] == new.read_bytes()[:at - 4] + new.read_bytes()[at:]
+    assert int.from_bytes(new.read_bytes()[at - 4:at], "little") == length + 1
+
+    payload, card = mo.decode(pydicom.dcmread(old))
+    assert payload == onnx_bytes
+    assert mo.unpack_file(old, tmp_path / "x.onnx").identity.uid == card.identity.uid
+    assert (tmp_path / "x.onnx").read_bytes() == onnx_bytes
+    _, info = mo.read_card(mo.read_file(old))
+    assert info == mo.PayloadInfo(len(onnx_bytes), hashlib.sha256(onnx_bytes).hexdigest())
+
+
+@pytest.mark.timeout(60)
+def test_repair_file_pads_a_0_1_0_object_and_keeps_everything_else(tmp_path, legacy):
+    old, new, onnx_bytes = legacy
+    out = tmp_path / "repaired.dcm"
+    result = mo.repair_file(old, out)
+    assert not result.was_conformant
+    assert result.changes == (f"payload value length {len(onnx_bytes)} is odd: padded to {len(onnx_bytes) + 1}",)
+    assert result.uid == pydicom.dcmread(old, stop_before_pixels=True).SOPInstanceUID
+    assert out.read_bytes() == new.read_bytes()  # same UID, same attributes, as packed today
+    _assert_padded(out, onnx_bytes)
+
+    again = tmp_path / "again.dcm"
+    result = mo.repair_file(out, again)
+    assert result.was_conformant and result.changes == ()
+    assert again.read_bytes() == out.read_bytes()
+
+
+@pytest.mark.timeout(60)
+def test_repair_file_writes_explicit_vr_and_private_vrs_back(tmp_path, legacy):
+    """A model that came back from a PACS in Implicit VR, or with its block as UN, is normalized."""
+    old, new, onnx_bytes = legacy
+    implicit = tmp_path / "implicit.dcm"
+    ds = pydicom.dcmread(old)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(implicit, implicit_vr=True, little_endian=True)
+    result = mo.repair_file(implicit, tmp_path / "from-implicit.dcm")
+    assert any(c.startswith("transfer syntax 1.2.840.10008.1.2 ->") for c in result.changes)
+    assert (tmp_path / "from-implicit.dcm").read_bytes() == new.read_bytes()
+
+    ds = pydicom.dcmread(new)
+    for offset in (mo.EL_FORMAT, mo.EL_LENGTH, mo.EL_SHA256, mo.EL_SCHEMA, mo.EL_CARD):
+        elem = ds[_tag(offset)]
+        value = int(elem.value).to_bytes(4, "little") if elem.VR == "UL" else str(elem.value).encode()
+        ds[_tag(offset)] = DataElement(_tag(offset), "UN", value + b" " * (len(value) % 2))
+    as_un = tmp_path / "un.dcm"
+    ds.save_as(as_un, enforce_file_format=True)
+    assert pydicom.dcmread(as_un).get_item(_tag(mo.EL_SCHEMA)).VR == "UN"
+    result = mo.repair_file(as_un, tmp_path / "from-un.dcm")
+    assert result.changes == ("(4D4D,1001) UN -> CS", "(4D4D,1002) UN -> UL", "(4D4D,1003) UN -> LO",
+                              "(4D4D,1004) UN -> LO", "(4D4D,1005) UN -> UT")
+    assert (tmp_path / "from-un.dcm").read_bytes() == new.read_bytes()
+
+
+@pytest.mark.timeout(60)
+def test_repair_file_refuses_what_unpack_refuses_and_writes_nothing(tmp_path, legacy):
+    old, _, _ = legacy
+    data = bytearray(old.read_bytes())
+    data[-20] ^= 0x55
+    bad = tmp_path / "tampered.dcm"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out" / "repaired.dcm"
+    with pytest.raises(mo.ChecksumMismatch):
+        mo.repair_file(bad, out)
+    assert list(out.parent.iterdir()) == [], "no output and no temporary file may be left"
+    with pytest.raises(mo.NotAModelObject):
+        mo.repair_file(pydicom.data.get_testdata_file("CT_small.dcm"), out)
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.timeout(30)
+def test_a_payload_file_that_shrinks_before_writing_leaves_no_object(tmp_path, seg_card):
+    onnx_bytes = segmentation_model_of_parity(True)
+    src = tmp_path / "model.onnx"
+    src.write_bytes(onnx_bytes)
+    out = tmp_path / "out" / "model.dcm"
+    with open(src, "rb") as fh:
+        ds = mo.encode(fh, seg_card)  # hashed: the length element now promises every byte
+        src.write_bytes(onnx_bytes[:-10])
+        with pytest.raises(OSError, match="changed while being packed"):
+            mo.write(ds, out)
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", ["lung_unet", "bodypart_cnn"])
+def test_shipped_reference_objects_have_even_payload_values(name):
+    path = REFERENCE / f"{name}.dcm"
+    length, at = _payload_value(path)
+    card, info = mo.read_card(mo.read_file(path))
+    assert length % 2 == 0 and length == info.length + info.length % 2
+    assert path.stat().st_size == at + length
+    assert path.read_bytes()[at + info.length:] == b"\x00" * (info.length % 2)
+    assert card.identity.uid == pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID

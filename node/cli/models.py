@@ -1,4 +1,4 @@
-"""``modelnode models``: pack, unpack, add, list, show and remove model objects."""
+"""``modelnode models``: pack, unpack, repair, add, list, show and remove model objects."""
 
 from __future__ import annotations
 
@@ -72,6 +72,22 @@ def cmd_unpack(args: argparse.Namespace) -> int:
         Path(args.card_out).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
     what = f"-> {out}" if out else "(verified, nothing written)"
     print(f"{card.identity.name} {card.identity.version} ({card.identity.uid}) {what}")
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    src = _existing(args.object)
+    # The payload passes twice: verified into a temporary file, then written from it.
+    with _refusals(), progress_bar(2 * src.stat().st_size, "repairing") as progress:
+        result = model_object.repair_file(
+            src, args.output, max_payload=_max_payload(args), progress=progress
+        )
+    card = result.card
+    what = f"{card.identity.name} {card.identity.version} ({result.uid})"
+    if result.was_conformant:
+        print(f"{what} already conformant, nothing to repair -> {args.output}")
+    else:
+        print(f"{what} repaired ({'; '.join(result.changes)}) -> {args.output}")
     return 0
 
 
@@ -231,6 +247,16 @@ def register(sub: Any) -> None:
     sp.add_argument("-o", "--output", metavar="MODEL.onnx", help="default: MODEL.dcm with .onnx suffix")
     sp.add_argument("--card-out", metavar="CARD.json", help="also write the card as JSON")
     sp.add_argument("--verify-only", action="store_true", help="verify, write nothing")
+    sp.add_argument("--max-payload", type=_bytes, metavar="SIZE")
+
+    sp = add("repair", cmd_repair, "rewrite a 0.1.0 model object with an even-length payload",
+             "Verify a model object as unpack does, then write it again with the ONNX payload "
+             "padded to an even value length (0.1.0 wrote odd lengths, which dcmtk and "
+             "dicom3tools refuse), the same SOP Instance UID and every other attribute unchanged. "
+             "An object that needs no repair is written as it is. The output appears only when "
+             "complete.")
+    sp.add_argument("object", metavar="OLD.dcm")
+    sp.add_argument("-o", "--output", required=True, metavar="NEW.dcm")
     sp.add_argument("--max-payload", type=_bytes, metavar="SIZE")
 
     sp = add("add", cmd_add, "add a model object (or an ONNX file with --card) to the local registry",
