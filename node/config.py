@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash, no controls
-# node.identity: pbkdf2-sha256$<iterations>$<salt, base64>$<32-byte hash, base64>
+# node.security.identity: pbkdf2-sha256$<iterations>$<salt, base64>$<32-byte hash, base64>
 _PASSCODE_HASH_RE = re.compile(r"^pbkdf2-sha256\$[1-9][0-9]{3,8}\$[A-Za-z0-9+/=]{8,}\$[A-Za-z0-9+/=]{43,44}$")
 
 
@@ -77,7 +77,7 @@ class StorageSection:
     fsync: bool = True
     # What a second instance with a known SOP Instance UID does: "replace" (newest wins) or "reject".
     duplicate_policy: str = "replace"
-    # Disk watermarks of the data directory's filesystem (node.diskguard): at or above
+    # Disk watermarks of the data directory's filesystem (node.security.diskguard): at or above
     # high_water_percent used (or below min_free_mb free) a C-STORE is refused with 0xA700
     # (Out of Resources); storing resumes once use is back at or below low_water_percent.
     high_water_percent: float = 95.0
@@ -131,9 +131,9 @@ class PipelineSection:
     workers: int = 1
     max_attempts: int = 3
     poll_seconds: float = 0.5
-    # Read and decode a series while its quiet timer runs (node.prefetch); 0 turns it off.
+    # Read and decode a series while its quiet timer runs (node.pipeline.prefetch); 0 turns it off.
     prefetch_mb: int = 512
-    # Also select and run the model then (node.headstart); needs the prefetch.
+    # Also select and run the model then (node.pipeline.headstart); needs the prefetch.
     head_start: bool = True
 
 
@@ -178,7 +178,7 @@ class LoggingSection:
 
 @dataclass
 class TlsSection:
-    """DICOM TLS (BCP 195 profile, node.tls). Files are PEM."""
+    """DICOM TLS (BCP 195 profile, node.security.tls). Files are PEM."""
 
     # The SCP speaks TLS. Where: see ``port``.
     enabled: bool = False
@@ -223,7 +223,7 @@ class AuditSection:
 
 @dataclass
 class MetricsSection:
-    # Prometheus text exposition over HTTP (node.metrics). Off by default: it opens a port.
+    # Prometheus text exposition over HTTP (node.ops.metrics). Off by default: it opens a port.
     enabled: bool = False
     bind: str = "127.0.0.1"
     port: int = 9110
@@ -446,7 +446,7 @@ def _check_service(cfg: Config, problems: list[tuple[str, str]]) -> None:
     """Issue 7 sections: shutdown, watermarks, TLS, users, security, audit, metrics.
 
     Files are checked for existence here; that they parse (and that the key matches the
-    certificate) is checked by ``modelnode config check`` and at start (node.tls.validate),
+    certificate) is checked by ``modelnode config check`` and at start (node.security.tls.validate),
     because every CLI command loads the configuration and an operator need not be able to
     read the service's private key.
     """

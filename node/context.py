@@ -1,6 +1,6 @@
 """What every DIMSE handler needs: the node's state, its configuration and its loggers.
 
-``node.server`` builds one :class:`NodeContext` and binds each handler with it
+``node.dimse.server`` builds one :class:`NodeContext` and binds each handler with it
 (``handler(event, ctx)``), so handlers never reach for globals.
 """
 

@@ -1,4 +1,4 @@
-"""node.audit: append-only JSON lines, thread-safe, no PHI."""
+"""node.ops.audit: append-only JSON lines, thread-safe, no PHI."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from node import audit
-from node.audit import AuditLog
+from node.ops import audit
+from node.ops.audit import AuditLog
 
 
 def lines(path) -> list[dict]:
@@ -85,7 +85,7 @@ def test_moved_file_is_reopened(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_write_failure_is_counted_not_raised(tmp_path):
-    from node import metrics
+    from node.ops import metrics
 
     before = metrics.REGISTRY.get_sample_value("modelnode_audit_errors_total") or 0
     (tmp_path / "dir").mkdir()

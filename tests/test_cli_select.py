@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from models.phantoms import write_ct_series, write_radiograph
+from models.training.phantoms import write_ct_series, write_radiograph
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent

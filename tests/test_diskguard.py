@@ -1,4 +1,4 @@
-"""node.diskguard: watermarks with hysteresis, on a fake statvfs and on a real small tmpfs."""
+"""node.security.diskguard: watermarks with hysteresis, on a fake statvfs and on a real small tmpfs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from peers import tmpfs
 
-from node.diskguard import DiskGuard, usage
+from node.security.diskguard import DiskGuard, usage
 
 
 class FakeDisk:

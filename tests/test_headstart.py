@@ -1,4 +1,4 @@
-"""node.headstart: the model runs during the quiet time, and the job takes that result only if
+"""node.pipeline.headstart: the model runs during the quiet time, and the job takes that result only if
 it was computed from exactly the files and the model the job has."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from node_proc import node_process
 from peers import require, run
 from pydicom.dataset import Dataset
 
-from models.phantoms import ct_truth, write_ct_series
-from node.headstart import Ahead, HeadStart
+from models.training.phantoms import ct_truth, write_ct_series
+from node.pipeline.headstart import Ahead, HeadStart
 
 ROOT = Path(__file__).resolve().parent.parent
 LUNG = ROOT / "models" / "reference" / "lung_unet.dcm"

@@ -1,4 +1,4 @@
-"""node.identity and its use by node.permissions.Security: User Identity Negotiation.
+"""node.security.identity and its use by node.security.guard.Security: User Identity Negotiation.
 
 dcmtk's storescu sends username and passcode (``-usr``/``-pwd``) to an in-process pynetdicom SCP
 whose handlers are wrapped by Security; wrong passcodes, unknown users and missing identities are
@@ -19,11 +19,11 @@ from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import UserIdentityNegotiation
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from node.audit import AuditLog
 from node.config import parse_config
-from node.diskguard import DiskGuard
-from node.identity import IdentityVerifier, hash_passcode, verify_passcode
-from node.permissions import Security
+from node.ops.audit import AuditLog
+from node.security.diskguard import DiskGuard
+from node.security.guard import Security
+from node.security.identity import IdentityVerifier, hash_passcode, verify_passcode
 
 FAST = 1000  # PBKDF2 iterations for test users (the default, 600000, costs 0.3 s a check)
 
@@ -93,7 +93,7 @@ def test_passcode_is_never_in_the_configuration_schema(tmp_path):
 
 
 class GuardedScp:
-    """A pynetdicom SCP whose handlers go through Security, as node.server's will."""
+    """A pynetdicom SCP whose handlers go through Security, as node.dimse.server's will."""
 
     def __init__(self, cfg: object, audit_path: Path) -> None:
         self.stored: list[str] = []

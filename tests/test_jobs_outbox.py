@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from node import jobs, outbox
+from node.pipeline import jobs, outbox
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,4 +1,4 @@
-"""node.logsetup: JSON lines, correlation ids, the PHI guard."""
+"""node.ops.logsetup: JSON lines, correlation ids, the PHI guard."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
-from node import logsetup
 from node.config import parse_config
+from node.ops import logsetup
 
 
 @pytest.fixture
@@ -91,12 +91,13 @@ def test_correlation_ids_per_context_and_per_thread(capture):
     log.info("main thread unaffected")
 
     class FakeAssociation(threading.Thread):  # pynetdicom: the association is the thread
-        _modelnode_id = "a9"
-
         def run(self) -> None:
             log.info("from the association thread, no context set")
 
+    from node.dimse import association
+
     fa = FakeAssociation()
+    association.state_of(fa).id = "a9"
     fa.start()
     fa.join()
     got = [(r["message"], r["correlation_id"]) for r in records(buf)]

@@ -1,4 +1,4 @@
-"""node.metrics: the dedicated registry, served over HTTP on loopback and parsed back."""
+"""node.ops.metrics: the dedicated registry, served over HTTP on loopback and parsed back."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from node import metrics
+from node.ops import metrics
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_a_failing_database_does_not_fail_the_scrape(server):
 
 @pytest.mark.timeout(30)
 def test_state_from_the_node_database(server, app):
-    from node import jobs
+    from node.pipeline import jobs
 
     jobs.Job.create(group_key="1.2.3", group_by="series", study_uid="1.2", state="failed")
     metrics.set_state_sources(database=True)

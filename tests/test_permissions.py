@@ -1,4 +1,4 @@
-"""node.permissions: allow-list, per-peer permissions and what a caller sees when refused."""
+"""node.security.guard: allow-list, per-peer permissions and what a caller sees when refused."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from node.audit import AuditLog
 from node.config import parse_config
-from node.diskguard import DiskGuard
-from node.permissions import NOT_AUTHORIZED, Security, allowed, host_matches, permissions_for
+from node.ops.audit import AuditLog
+from node.security.diskguard import DiskGuard
+from node.security.guard import NOT_AUTHORIZED, Security, allowed, host_matches, permissions_for
 
 ALL = ["echo", "store-images", "store-models", "query", "retrieve"]
 
@@ -179,7 +179,7 @@ def test_models_and_images_are_told_apart(scp, tmp_path):
     def store(aet: str, path: Path | str) -> int | None:
         ae = AE(aet)
         ae.add_requested_context(RawDataStorage, "1.2.840.10008.1.2.1")
-        # The file's own syntax: once node.scu is imported (by earlier tests in the session),
+        # The file's own syntax: once node.scu.client is imported (by earlier tests in the session),
         # pynetdicom sends files as stored and does not convert them to the accepted syntax.
         ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
         assoc = ae.associate("127.0.0.1", scp.port, ae_title="MODELNODE")

@@ -19,7 +19,7 @@ import pytest
 from node_proc import node_process
 from peers import free_port, orthanc, require, run
 
-from models.phantoms import ct_truth, write_ct_series, write_radiograph
+from models.training.phantoms import ct_truth, write_ct_series, write_radiograph
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""node.prefetch: a series is read and decoded once its association ends, handed out once by
+"""node.pipeline.prefetch: a series is read and decoded once its association ends, handed out once by
 digest, and never beyond its memory budget."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from models.phantoms import write_ct_series
-from node import index
-from node.db import write_transaction
-from node.prefetch import Prefetcher
+from models.training.phantoms import write_ct_series
+from node.pipeline.prefetch import Prefetcher
+from node.storage import index
+from node.storage.db import write_transaction
 
 pytestmark = pytest.mark.timeout(60)
 

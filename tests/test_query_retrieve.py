@@ -122,8 +122,8 @@ def _seed_synthetic(work: Path) -> tuple[list[Path], dict[str, str]]:
 
 def _seed_bulk(node: NodeProcess, n: int) -> str:
     """``n`` index rows in one series (no files: only C-FIND reads them) for the C-CANCEL test."""
-    from node.db import open_database
-    from node.index import Instance, Patient, Series, Study
+    from node.storage.db import open_database
+    from node.storage.index import Instance, Patient, Series, Study
 
     db = open_database(f"sqlite:///{node.data_dir / 'modelnode.db'}")
     try:
@@ -144,7 +144,7 @@ def _seed_bulk(node: NodeProcess, n: int) -> str:
 def env(tmp_path_factory) -> Env:
     from iods import model_object
     from iods.card import parse_card
-    from node import scu
+    from node.scu import client as scu
 
     for tool in ("findscu", "movescu", "getscu", "storescu", "storescp"):
         require(tool)
@@ -318,7 +318,7 @@ def test_find_models_by_standard_and_coded_keys(env: Env) -> None:
 
 @pytest.mark.timeout(60)
 def test_find_refuses_unsupported_levels_and_keeps_serving(env: Env) -> None:
-    from node import scu
+    from node.scu import client as scu
 
     peer = scu.Address(env.node.ae_title, "127.0.0.1", env.node.port)
     for level, model in (("PATIENT", "study"), ("FOO", "study"), ("", "patient")):
@@ -376,10 +376,10 @@ def test_getscu_round_trip_is_byte_exact(env: Env, name: str, option: str) -> No
 
 @pytest.mark.timeout(30)
 def test_acceptor_can_prefer_the_requestors_transfer_syntax() -> None:
-    """node.retrieve.prefer_requestor_syntaxes, in a real negotiation (what getscu +xv proposes)."""
+    """node.dimse.retrieve_scp.prefer_requestor_syntaxes, in a real negotiation (what getscu +xv proposes)."""
     from pynetdicom import AE, evt
 
-    from node.retrieve import prefer_requestor_syntaxes
+    from node.dimse.retrieve_scp import prefer_requestor_syntaxes
 
     j2k = "1.2.840.10008.1.2.4.90"
     acceptor = AE("ACCEPTOR")
@@ -527,7 +527,7 @@ class PickySCP:
 
 
 def _move(env: Env, dest: str, ident: Dataset):
-    from node import scu
+    from node.scu import client as scu
 
     peer = scu.Address(env.node.ae_title, "127.0.0.1", env.node.port)
     try:
@@ -667,7 +667,7 @@ def test_cli_retries_until_the_peer_comes_up(env: Env, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(10)
 def test_address_parsing() -> None:
-    from node.scu import Address
+    from node.scu.client import Address
 
     assert Address.parse("ORTHANC@127.0.0.1:4242") == Address("ORTHANC", "127.0.0.1", 4242)
     assert Address.parse("PACS@[::1]:104") == Address("PACS", "::1", 104)

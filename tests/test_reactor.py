@@ -1,4 +1,4 @@
-"""node.reactor's P-DATA-TF coding: the same bytes and items as pynetdicom's, None where it must decide."""
+"""node.dimse.compat.reactor's P-DATA-TF coding: the same bytes and items as pynetdicom's, None where it must decide."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from node.reactor import encode_p_data_tf, split_pdvs
+from node.dimse.compat.reactor import encode_p_data_tf, split_pdvs
 
 
 def _pdu(items: list[tuple[int, bytes]]) -> bytes:
@@ -56,7 +56,7 @@ def test_idle_acceptor_thread_is_woken_by_an_indication(monkeypatch) -> None:
     import threading
     from types import SimpleNamespace
 
-    from node import reactor
+    from node.dimse.compat import reactor
 
     monkeypatch.setattr(reactor, "ACCEPTOR_IDLE_WAIT", 60.0)  # longer than the test may last
 

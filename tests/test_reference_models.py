@@ -22,8 +22,8 @@ import pydicom
 import pytest
 
 from iods.card import load_card
-from models import phantoms
 from models.preprocess import prepare, prepare_dataset, resize, to_masks, value_range
+from models.training import phantoms
 from models.volume import load_volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,8 +68,8 @@ def _run(session: ort.InferenceSession, x: np.ndarray, batch: int = 16) -> np.nd
 @pytest.mark.timeout(120)
 def test_onnx_export_matches_pytorch(tmp_path):
     torch = pytest.importorskip("torch")
-    from models.networks import BodyPartNet, UNet2D, WithActivation
-    from models.train import export_onnx
+    from models.training.networks import BodyPartNet, UNet2D, WithActivation
+    from models.training.train import export_onnx
 
     torch.manual_seed(0)
     nets = {"segmentation": UNet2D(1, 2, (12, 24, 48, 96)), "classification": BodyPartNet(1, 5)}
@@ -261,8 +261,8 @@ def test_serving_path_needs_no_torch(tmp_path):
                 if name == "torch" or name.startswith("torch."):
                     raise ImportError("torch is not installed (simulated)")
         sys.meta_path.insert(0, NoTorch())
-        import models.phantoms, models.preprocess, models.volume, models.runtime, node.cli
-        models.phantoms.write_ct_series({str(tmp_path / 'ct')!r}, 1, slices=2)
+        import models.training.phantoms, models.preprocess, models.volume, models.runtime, node.cli
+        models.training.phantoms.write_ct_series({str(tmp_path / 'ct')!r}, 1, slices=2)
         assert "torch" not in sys.modules
         print("ok")
     """)

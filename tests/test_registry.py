@@ -10,8 +10,8 @@ from onnx_factory import segmentation_model
 
 from iods import model_object as mo
 from iods.card import parse_card
-from node import index
-from node.registry import Filters, ModelConflict, ModelRecord, ModelTerm
+from node.storage import index
+from node.storage.registry import Filters, ModelConflict, ModelRecord, ModelTerm
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -122,7 +122,7 @@ def test_sqlite_runs_in_wal_mode(app):
 
 
 def test_database_url_selects_the_backend(tmp_path):
-    from node.db import open_database
+    from node.storage.db import open_database
 
     db = open_database(f"sqlite:///{tmp_path}/x/registry.db")
     assert (tmp_path / "x" / "registry.db").exists()
@@ -146,7 +146,7 @@ def test_write_transaction_waits_for_a_concurrent_writer_instead_of_failing(app)
     (``models add`` from the CLI while the node stores): BEGIN IMMEDIATE makes it wait."""
     import threading
 
-    from node.db import write_transaction
+    from node.storage.db import write_transaction
 
     read_done, other_finished = threading.Event(), threading.Event()
     errors: list[BaseException] = []

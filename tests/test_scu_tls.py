@@ -29,8 +29,10 @@ from peers import free_port, require, stop, wait_port
 from pydicom.data import get_testdata_file
 from pynetdicom.dsutils import split_dataset
 
-from node import outbox, scu, tls
 from node.config import parse_config
+from node.pipeline import outbox
+from node.scu import client as scu
+from node.security import tls
 
 pytestmark = pytest.mark.peers
 
@@ -206,7 +208,7 @@ def test_contexts_follow_bcp195(pki):
 @pytest.mark.timeout(30)
 def test_tls_listener_sends_nothing_unasked_after_the_handshake(pki):
     """A TLS 1.3 server sends session tickets right after the handshake unless told not to. They
-    made the node's C-MOVE requestor (node.reactor reads a readable socket before it sends its
+    made the node's C-MOVE requestor (node.dimse.compat.reactor reads a readable socket before it sends its
     A-ASSOCIATE-RQ) block in SSL_read while our listener waited for that request: the first
     C-MOVE to `fetch --listen --listen-tls` aborted after 30 s about one time in four."""
     ctx = tls.server_context_from(pki.server_cert, pki.server_key, pki.ca, io_timeout=10)
@@ -355,7 +357,7 @@ def test_exporter_delivers_to_a_tls_peer(tmp_path, pki):
     """The outbox exporter (Pipeline.export_due) sends a queued result to a tls = true peer."""
     from node.app import open_app
     from node.context import NodeContext
-    from node.pipeline import Pipeline
+    from node.pipeline.worker import Pipeline
 
     with storescp(tmp_path, pki, "-rc") as scp:
         app = open_app(exporter_config(tmp_path, pki, scp.port))

@@ -13,7 +13,7 @@ from pydicom.sequence import Sequence
 
 from iods.card import parse_card
 from node.config import SelectionSection, SiteRule
-from node.selection import SeriesFacts, select, version_key
+from node.pipeline.selection import SeriesFacts, select, version_key
 
 pytestmark = pytest.mark.timeout(60)
 

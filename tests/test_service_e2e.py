@@ -270,7 +270,7 @@ def test_sigterm_past_the_shutdown_timeout_aborts_cleanly(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
-    # 32 MiB, not 8: node.store preallocates SQLite's WAL at start, which takes about 8 MiB
+    # 32 MiB, not 8: node.dimse.store_scp preallocates SQLite's WAL at start, which takes about 8 MiB
     # (4 MiB of WAL, checkpointed into the database file as free pages).
     with tmpfs(tmp_path / "disk", 32) as mnt:
         yield mnt
@@ -325,7 +325,7 @@ def test_full_disk_refuses_with_out_of_resources_and_recovers(tmp_path, small_di
         time.sleep(0.6)
         assert used_percent(small_disk) < 75
         assert store_one(svc.port, ct(99, study, series)) == 0
-        from node import metrics
+        from node.ops import metrics
 
         samples = metrics.scrape(f"http://127.0.0.1:{svc_metrics_port(svc)}/metrics")
         refused = {labels["reason"]: v for labels, v in samples["modelnode_store_refused_total"]}
@@ -355,7 +355,7 @@ def test_metrics_status_and_config_check_of_a_running_node(tmp_path):
         stranger = run([require("echoscu"), "-aet", "STRANGER", "-aec", "MODELNODE", "127.0.0.1", str(svc.port)],
                        timeout=60, check=False)
         assert stranger.returncode != 0
-        from node import metrics
+        from node.ops import metrics
 
         s = metrics.scrape(f"http://127.0.0.1:{metrics_port}/metrics")
         by = {name: {tuple(sorted(labels.items())): v for labels, v in rows} for name, rows in s.items()}
@@ -404,6 +404,6 @@ def test_config_check_cli_names_every_bad_key(tmp_path, pki):
     # And hash-passcode reads the passcode from stdin, never from argv.
     res = subprocess.run([*MODELNODE, "config", "hash-passcode", "--iterations", "1000"], input="pw\n",
                          capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
-    from node.identity import verify_passcode
+    from node.security.identity import verify_passcode
 
     assert res.returncode == 0 and verify_passcode(res.stdout.strip(), b"pw")

@@ -1,4 +1,4 @@
-"""C-STORE messages by hand (node.store_dimse): the same as pynetdicom's, byte for byte and field for field."""
+"""C-STORE messages by hand (node.dimse.compat.store_messages): the same as pynetdicom's, byte for byte and field for field."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode, encode
 
-from node.store_dimse import decode_request, encode_command
+from node.dimse.compat.store_messages import decode_request, encode_command
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -123,7 +123,7 @@ def _dimse(*, acceptor: bool = True, established: bool = True, paused: bool = Fa
 
 @pytest.mark.timeout(10)
 def test_served_on_the_receiving_thread_only_when_the_association_thread_is_idle() -> None:
-    from node.store_dimse import _serve_here
+    from node.dimse.compat.store_messages import _serve_here
 
     ct = C_STORE()
     ct.AffectedSOPClassUID = CT

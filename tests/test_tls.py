@@ -1,4 +1,4 @@
-"""DICOM TLS (node.tls): BCP 195 contexts against dcmtk and pynetdicom, with a PKI made per run.
+"""DICOM TLS (node.security.tls): BCP 195 contexts against dcmtk and pynetdicom, with a PKI made per run.
 
 An in-process pynetdicom SCP uses ``server_context``; dcmtk's echoscu ``+tls`` and a pynetdicom
 SCU using ``tls_args`` connect to it. What must fail fails cleanly: a plain DICOM connection to the
@@ -20,8 +20,8 @@ from peers import require, run
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from node import tls
 from node.config import parse_config
+from node.security import tls
 
 pytestmark = pytest.mark.peers
 
@@ -262,7 +262,7 @@ def test_config_check_reports_bad_tls_keys(pki, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_node_reactor_associates_with_a_tls13_peer_that_sends_session_tickets(pki):
-    """The node's DUL reactor (node.reactor) as a TLS requestor of dcmtk's storescp.
+    """The node's DUL reactor (node.dimse.compat.reactor) as a TLS requestor of dcmtk's storescp.
 
     OpenSSL servers send TLS 1.3 session tickets right after the handshake; the node's reactor,
     which reads before it sends once the socket is readable, used to read them before sending
@@ -272,7 +272,7 @@ def test_node_reactor_associates_with_a_tls13_peer_that_sends_session_tickets(pk
 
     from peers import free_port, wait_port
 
-    from node import reactor
+    from node.dimse.compat import reactor
 
     reactor.install()  # (what a Node does in its process; process-wide and idempotent)
     port = free_port()

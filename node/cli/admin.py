@@ -23,7 +23,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     # The files the configuration names must also load (TLS certificates and keys): checked here
     # rather than in load_config, which every command runs, whoever runs it.
-    from node import tls
+    from node.security import tls
 
     problems = tls.validate(cfg)
     if problems:
@@ -58,7 +58,7 @@ def cmd_hash_passcode(args: argparse.Namespace) -> int:
     (argv is visible to every user in ps and lands in shell history)."""
     import getpass
 
-    from node.identity import DEFAULT_ITERATIONS, hash_passcode
+    from node.security.identity import DEFAULT_ITERATIONS, hash_passcode
 
     if sys.stdin.isatty():
         passcode = getpass.getpass("passcode: ")
@@ -75,12 +75,12 @@ def cmd_hash_passcode(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from node import jobs, outbox
     from node.app import open_app
     from node.cli.common import config_from_args
-    from node.db import _redact
-    from node.index import Instance, Study
-    from node.registry import ModelRecord
+    from node.pipeline import jobs, outbox
+    from node.storage.db import _redact
+    from node.storage.index import Instance, Study
+    from node.storage.registry import ModelRecord
 
     cfg = config_from_args(args)
     report: dict[str, Any] = {"config": cfg.source or "embedded defaults", "ae_title": cfg.node.ae_title,
@@ -113,7 +113,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     report.update(_live(cfg))
     report["last_rejections"] = _last_rejections(cfg)
     try:
-        from node import scu
+        from node.scu import client as scu
 
         host = "127.0.0.1" if cfg.node.bind in ("0.0.0.0", "::") else cfg.node.bind
         if cfg.tls.enabled and not cfg.tls.port:
@@ -144,7 +144,8 @@ def _echo_tls(cfg: Any, host: str) -> None:
     trusted as is (no name check: we call it by address), and ours is presented when readable."""
     import ssl
 
-    from node import scu, tls
+    from node.scu import client as scu
+    from node.security import tls
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = tls.MINIMUM_VERSION
@@ -157,14 +158,14 @@ def _echo_tls(cfg: Any, host: str) -> None:
         ctx.load_cert_chain(cfg.tls.certificate, cfg.tls.private_key)
     except OSError:
         pass  # not readable by this user: fine unless the node requires client certificates
-    # node.scu says why a handshake failed (pynetdicom alone reports only "not established").
+    # node.scu.client says why a handshake failed (pynetdicom alone reports only "not established").
     options = scu.Options(calling_ae="MODELNODE-STATUS", retry=scu.NO_RETRY, connect_timeout=3, acse_timeout=5,
                           network_timeout=5, dimse_timeout=5, tls=(ctx, None))
     scu.echo(scu.Address(cfg.node.ae_title, host, cfg.node.port), options)
 
 
 def _disk_guard(cfg: Any) -> dict[str, Any]:
-    from node.diskguard import DiskGuard
+    from node.security.diskguard import DiskGuard
 
     try:
         state = DiskGuard.from_config(cfg).state()
@@ -178,7 +179,7 @@ def _live(cfg: Any) -> dict[str, Any]:
     """What only the running node knows (associations, refusals), from its metrics endpoint."""
     if not cfg.metrics.enabled:
         return {"associations": "unknown: [metrics] enabled = false"}
-    from node import metrics
+    from node.ops import metrics
 
     host = "127.0.0.1" if cfg.metrics.bind in ("0.0.0.0", "::") else cfg.metrics.bind
     host = f"[{host}]" if ":" in host else host
@@ -203,7 +204,7 @@ def _live(cfg: Any) -> dict[str, Any]:
 
 
 def _last_rejections(cfg: Any, n: int = 5) -> list[dict[str, Any]]:
-    from node import audit
+    from node.ops import audit
 
     if not cfg.audit.enabled:
         return []

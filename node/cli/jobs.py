@@ -47,7 +47,7 @@ def job_dict(job, exports: list | None = None) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from node.jobs import Job
+    from node.pipeline.jobs import Job
 
     app = _open(args)
     try:
@@ -70,8 +70,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from node.jobs import Job
-    from node.outbox import OutboxItem
+    from node.pipeline.jobs import Job
+    from node.pipeline.outbox import OutboxItem
 
     app = _open(args)
     try:
@@ -110,7 +110,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from node import jobs
+    from node.pipeline import jobs
 
     app = _open(args)
     try:

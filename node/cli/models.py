@@ -26,7 +26,7 @@ from node.cli.common import (
 @contextmanager
 def _refusals():
     """Turn the library's refusals into CLI errors with stable exit codes."""
-    from node.registry import ModelConflict
+    from node.storage.registry import ModelConflict
 
     try:
         yield
@@ -136,7 +136,7 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from node.registry import Filters, record_summary
+    from node.storage.registry import Filters, record_summary
 
     app = _open_app(args)
     try:
@@ -169,7 +169,7 @@ def _size(n: int) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from node.registry import record_summary
+    from node.storage.registry import record_summary
 
     app = _open_app(args)
     try:

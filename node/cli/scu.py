@@ -6,7 +6,7 @@ aborted) are retried with exponential backoff (``--retries``, ``--retry-delay``,
 ``--retry-max-delay``); a failure status is final. Exit code 6 (EXIT_PEER) when the peer could
 not be reached or answered with a failure.
 
-DICOM TLS (BCP 195, node.tls): ``--tls`` with ``--tls-ca`` (else the system trust store),
+DICOM TLS (BCP 195, node.security.tls): ``--tls`` with ``--tls-ca`` (else the system trust store),
 ``--tls-cert``/``--tls-key`` (a client certificate, for peers that require one) and
 ``--tls-no-hostname-check``. A ``--to`` that is a ``[[peers]]`` entry with ``tls = true`` uses the
 configuration's ``[tls]`` files without ``--tls``; the options given override them. A failed
@@ -45,7 +45,7 @@ DEFAULT_KEYS = {
 
 
 def _peer(args: argparse.Namespace, cfg: Any) -> Any:
-    from node.scu import Address
+    from node.scu.client import Address
 
     text = args.to
     if "@" not in text:
@@ -100,7 +100,7 @@ def _tls_files(args: argparse.Namespace, cfg: Any, peer: Any) -> tuple[str, str,
 
 def _client_tls(args: argparse.Namespace, cfg: Any, peer: Any) -> tuple[Any, str] | None:
     """``Options.tls`` for calling ``peer``: a BCP 195 client context and the host to verify."""
-    from node import tls
+    from node.security import tls
 
     files = _tls_files(args, cfg, peer)
     if files is None:
@@ -117,7 +117,7 @@ def _receiver_tls(args: argparse.Namespace, cfg: Any) -> Any:
     """The server context of the ``--listen`` storage SCP with ``--listen-tls``: our certificate
     (``--tls-cert``/``--tls-key``, else the configuration's) and, to verify a client certificate
     the sender presents, ``--tls-ca`` or the configuration's CA file."""
-    from node import tls
+    from node.security import tls
 
     if not args.listen_tls:
         return None
@@ -130,7 +130,7 @@ def _receiver_tls(args: argparse.Namespace, cfg: Any) -> Any:
     given = ({"tls.certificate", "tls.private_key"} if args.tls_cert else set()) | (
         {"tls.ca_certificates"} if args.tls_ca else set())
     try:
-        # --timeout bounds the handshake of each accepted connection (node.tls defers it to the
+        # --timeout bounds the handshake of each accepted connection (node.security.tls defers it to the
         # association's thread), as it bounds every other wait on the peer; not the node's
         # network_timeout (120 s by default), which is what a stuck handshake used to cost.
         return tls.server_context_from(cert, key, args.tls_ca or cfg.tls.ca_certificates,
@@ -141,7 +141,7 @@ def _receiver_tls(args: argparse.Namespace, cfg: Any) -> Any:
 
 
 def _options(args: argparse.Namespace, cfg: Any, peer: Any) -> Any:
-    from node.scu import Options, RetryPolicy
+    from node.scu.client import Options, RetryPolicy
 
     if args.retries < 0:
         raise CliError("--retries must be 0 or more", EXIT_USAGE)
@@ -176,7 +176,7 @@ def _peer_failure(exc: Exception) -> CliError:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from node import scu
+    from node.scu import client as scu
 
     peer, options, _ = _setup(args)
     start = time.monotonic()
@@ -208,7 +208,7 @@ def _expand(paths: list[str], recursive: bool) -> list[Path]:
 def cmd_store(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from node import scu
+    from node.scu import client as scu
 
     peer, options, _ = _setup(args)
     files = _expand(args.files, args.recursive)
@@ -377,7 +377,7 @@ def build_identifier(keys: list[str], level: str | None) -> tuple[Any, str]:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    from node import scu
+    from node.scu import client as scu
 
     peer, options, _ = _setup(args)
     identifier, level = build_identifier(args.key or [], args.level)
@@ -401,7 +401,7 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from node import scu
+    from node.scu import client as scu
 
     if bool(args.move_to) == bool(args.get):
         raise CliError("choose --move-to AE (C-MOVE) or --get (C-GET)", EXIT_USAGE)

@@ -26,7 +26,7 @@ def _read_headers(paths: list[Path]) -> list[pydicom.Dataset]:
 
 
 def _gather(targets: list[str], app) -> list[pydicom.Dataset]:
-    from node import index
+    from node.storage import index
 
     datasets: list[pydicom.Dataset] = []
     for t in targets:
@@ -51,7 +51,7 @@ def _gather(targets: list[str], app) -> list[pydicom.Dataset]:
 def cmd_select(args: argparse.Namespace) -> int:
     from iods.anatomy import AnatomyNormaliser
     from node.app import open_app
-    from node.selection import SeriesFacts, select
+    from node.pipeline.selection import SeriesFacts, select
 
     cfg = config_from_args(args)
     app = open_app(cfg)

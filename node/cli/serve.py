@@ -20,7 +20,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _revalidate(cfg)
         except ConfigError as exc:
             raise CliError(str(exc), EXIT_INVALID) from exc
-    from node import logsetup
+    from node.ops import logsetup
 
     logsetup.configure_logging(cfg.logging, json=getattr(args, "log_json", None))
     if args.verbose or args.quiet:
@@ -29,12 +29,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.dimse import compat
 
     try:
-        # Before node.server is imported: its modules keep references to the library's functions.
+        # Before node.dimse.server is imported: its modules keep references to the library's functions.
         compat.check()
     except compat.IncompatibleLibrary as exc:
         logging.getLogger("modelnode.server").critical("refusing to start: %s", exc)
         raise CliError(f"refusing to start: {exc}") from exc
-    from node.server import serve  # late: pynetdicom is only needed by this command
+    from node.dimse.server import serve  # late: pynetdicom is only needed by this command
 
     try:
         return serve(cfg)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.dataset import Dataset
 
-from node import index
-from node.storage import ObjectStore
+from node.storage import index
+from node.storage.objects import ObjectStore
 
 log = logging.getLogger("modelnode.prefetch")
 
@@ -122,7 +122,7 @@ class Prefetcher:
             if self.after is not None:
                 try:
                     self.after(keys)
-                except Exception:  # the same: an optimisation (node.headstart)
+                except Exception:  # the same: an optimisation (node.pipeline.headstart)
                     log.exception("work after the prefetch of %d group(s) failed", len(keys))
 
     def _prefetch(self, keys: list[str]) -> None:

@@ -29,6 +29,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from node.dimse.association import state_of
+
 log = logging.getLogger("modelnode.identity")
 
 SCHEME = "pbkdf2-sha256"
@@ -126,14 +128,15 @@ class IdentityVerifier:
     def handle_user_id(self, event: Any) -> tuple[bool, bytes | None]:
         """An ``evt.EVT_USER_ID`` handler (pynetdicom rejects the association on False).
 
-        When node.permissions already checked this association in EVT_REQUESTED, its verdict
+        When node.security.guard already checked this association in EVT_REQUESTED, its verdict
         is reused rather than paying for PBKDF2 twice.
         """
-        done = getattr(event.assoc, "_modelnode_identity", None)
+        state = state_of(event.assoc)
+        done = state.identity
         if isinstance(done, IdentityResult):
             return done.ok, None
         result = self.verify(event.user_id_type, event.primary_field, event.secondary_field)
-        event.assoc._modelnode_identity = result
+        state.identity = result
         if result.ok and result.username:
-            event.assoc._modelnode_user = result.username
+            state.user = result.username
         return result.ok, None

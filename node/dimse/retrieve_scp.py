@@ -1,17 +1,17 @@
 """C-MOVE and C-GET SCP handlers: send stored instances, models and images, at every level.
 
-The identifier is resolved with the C-FIND engine (:func:`node.query.parse_identifier` in
-retrieve mode: the level's unique key is required; then :func:`node.query.instances_for`).
+The identifier is resolved with the C-FIND engine (:func:`node.dimse.query_scp.parse_identifier` in
+retrieve mode: the level's unique key is required; then :func:`node.dimse.query_scp.instances_for`).
 
 How the bytes go out. pynetdicom wants the handler to yield a ``Dataset`` per sub-operation and
-re-encodes it, which is not byte-exact for every file (see :mod:`node.scu`). So the handler yields
+re-encodes it, which is not byte-exact for every file (see :mod:`node.scu.client`). So the handler yields
 a :class:`StoredInstance`, a small ``Dataset`` that only names the stored file, and the
 association that will carry the C-STOREs gets its ``send_c_store`` wrapped (per association
-object, nothing global): a ``StoredInstance`` goes through :func:`node.scu.send_file`, which
+object, nothing global): a ``StoredInstance`` goes through :func:`node.scu.client.send_file`, which
 streams the file in its stored transfer syntax when the peer accepted it, or converts a copy
 (decompressing when it must) when the peer accepted only other syntaxes. Model objects go out in
 Explicit VR Little Endian only. A sub-operation that cannot be made raises
-:class:`node.scu.SendRefused`, which pynetdicom counts as a failed sub-operation (its UID goes in
+:class:`node.scu.client.SendRefused`, which pynetdicom counts as a failed sub-operation (its UID goes in
 the Failed SOP Instance UID List), and a log line says why.
 
 * C-GET: the requestor's own association carries the C-STOREs (SCP role for the storage
@@ -40,8 +40,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 from pynetdicom import evt
 
-from node.index import Instance
-from node.query import (
+from node.dimse.association import assoc_id, state_of
+from node.dimse.query_scp import (
     STATUS_CANCEL,
     STATUS_PENDING,
     STATUS_UNABLE_DATABASE,
@@ -50,7 +50,15 @@ from node.query import (
     instances_for,
     parse_identifier,
 )
-from node.scu import FileInfo, SendRefused, file_info, send_file, status_category, storage_contexts
+from node.scu.client import (
+    FileInfo,
+    SendRefused,
+    file_info,
+    send_file,
+    status_category,
+    storage_contexts,
+)
+from node.storage.index import Instance
 
 log = logging.getLogger("modelnode.retrieve")
 
@@ -90,10 +98,10 @@ class Tally:
 
 def _install_sender(assoc: Any, tmp_dir: Path, tally: Tally) -> None:
     """Wrap ``assoc.send_c_store`` so that a :class:`StoredInstance` is sent from its file."""
-    original = getattr(assoc, "_modelnode_original_send", None)
+    state = state_of(assoc)
+    original = state.library_send_c_store
     if original is None:
-        original = assoc.send_c_store
-        assoc._modelnode_original_send = original
+        original = state.library_send_c_store = assoc.send_c_store
 
     def send_c_store(dataset: Any, msg_id: int = 1, priority: int = 2, originator_aet: str | None = None,
                      originator_id: int | None = None) -> Dataset:
@@ -141,7 +149,7 @@ def _file_info(ds: StoredInstance) -> FileInfo:
 
 def _peer(event: Any) -> str:
     assoc = event.assoc
-    ident = getattr(assoc, "_modelnode_id", "")
+    ident = assoc_id(assoc)
     rq = assoc.requestor
     who = f"{(rq.ae_title or '?').strip()}@{rq.address}"
     return f"[{ident}] {who}" if ident else who
@@ -186,7 +194,7 @@ def prefer_requestor_syntaxes(assoc: Any) -> None:
     """Make this association accept, per abstract syntax, the transfer syntax the requestor lists first.
 
     pynetdicom's acceptor picks a context's transfer syntax by the order of the *acceptor's*
-    supported list (uncompressed first in node.server). dcmtk's getscu proposes one context per
+    supported list (uncompressed first in node.dimse.server). dcmtk's getscu proposes one context per
     storage class, its preferred syntax first (``+xv``: [JPEG 2000 Lossless, Explicit, ...]); taking
     the acceptor's order then accepts Explicit VR, and every JPEG 2000 file must be decompressed for
     the C-GET instead of going back byte for byte. Call from an EVT_REQUESTED handler, before

@@ -30,7 +30,7 @@ from typing import Any
 
 import peewee
 
-from node.db import BaseModel, database_proxy, statements, write_transaction
+from node.storage.db import BaseModel, database_proxy, statements, write_transaction
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
-from node.db import BaseModel, Statements, statements
+from node.storage.db import BaseModel, Statements, statements
 
 # Text VRs whose ASCII bytes are split exactly as pydicom 3 splits them (pydicom.values):
 # padding stripped from the whole value, from each value, or spaces on both sides of each value.

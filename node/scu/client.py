@@ -4,7 +4,7 @@ Used by the ``modelnode echo/store/find/fetch`` commands and by the node itself 
 C-GET sub-operations go through :func:`send_file`, the outbox exporter through :func:`store`).
 
 DICOM TLS: ``Options.tls`` (pynetdicom's ``tls_args``, an SSL context and the server name to
-verify; node.tls builds them) makes every association of an operation a TLS one. A failed
+verify; node.security.tls builds them) makes every association of an operation a TLS one. A failed
 handshake (certificate not trusted, wrong host name, the peer refusing our client certificate or
 wanting one, no TLS on that port) is a permanent :class:`PeerError` that says it was TLS and why:
 pynetdicom 3.0.4 only logs the SSL error and reports an aborted association, so
@@ -74,7 +74,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from node.query import UNIQUE_KEYS
+from node.dimse.query_scp import UNIQUE_KEYS
 
 log = logging.getLogger("modelnode.scu")
 
@@ -188,7 +188,7 @@ class Options:
     connect_timeout: float = 10.0
     max_pdu: int = 262144
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    # DICOM TLS: (client context, server name to verify; None: the peer's host), as node.tls's
+    # DICOM TLS: (client context, server name to verify; None: the peer's host), as node.security.tls's
     # tls_args() or client_context_from() give. None: a plain TCP connection.
     tls: tuple[ssl.SSLContext, str | None] | None = None
 
@@ -907,7 +907,7 @@ def fetch(
     ``level="auto"`` asks the peer first what the UID names (instance, then series, then study)
     and fills in the parents' UIDs. C-GET writes into ``out_dir``; a C-MOVE writes there only when
     ``receive_port`` starts a storage SCP for the move (``move_to`` must then be an AE title the
-    peer knows at that port); with ``receive_tls`` (a server context, node.tls) it speaks TLS.
+    peer knows at that port); with ``receive_tls`` (a server context, node.security.tls) it speaks TLS.
     ``options.tls`` covers every association this opens: the C-FINDs of ``level="auto"``, the
     C-MOVE request and the C-GET (whose sub-operations come back on the same association).
     """
@@ -1007,7 +1007,7 @@ def _start_receiver(ae_title: str, address: tuple[str, int], receiver: _Receiver
                     ssl_context: ssl.SSLContext | None = None) -> Any:
     """The storage SCP for a C-MOVE to ``ae_title``; stop it with :func:`_stop_receiver`.
 
-    ``ssl_context``: a server context from node.tls, which leaves the handshake of an accepted
+    ``ssl_context``: a server context from node.security.tls, which leaves the handshake of an accepted
     connection to the association's thread, under a socket timeout.
     """
     ae = AE(ae_title=ae_title)

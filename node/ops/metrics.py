@@ -4,7 +4,7 @@ The metrics live in :data:`REGISTRY`, not in prometheus_client's global one, so 
 a library that registers its own collectors does not change what the node exposes, and tests can
 read exact values (``REGISTRY.get_sample_value``).
 
-Counters and histograms are updated where things happen (node.permissions wraps the DIMSE
+Counters and histograms are updated where things happen (node.security.guard wraps the DIMSE
 handlers; the pipeline and exporter time their work). Gauges that describe state — jobs by
 state, outbox backlog, active associations, disk — are computed at scrape time by
 :class:`StateCollector` from callables registered with :func:`set_state_sources`, so they are
@@ -141,7 +141,7 @@ def _in_connection(fn: Callable[[], dict[str, int]]) -> Callable[[], dict[str, i
     """Run a query in its own connection: each scrape runs on a fresh HTTP server thread, and
     peewee's connections are per thread, so one opened here must be closed here too."""
     def run() -> dict[str, int]:
-        from node.db import database_proxy
+        from node.storage.db import database_proxy
 
         with database_proxy.obj.connection_context():
             return fn()
@@ -154,10 +154,10 @@ def set_state_sources(*, jobs: Callable[[], dict[str, int]] | None = None,
                       disk: Callable[[], dict[str, float]] | None = None,
                       database: bool = False) -> None:
     """Register what the scrape-time gauges read. ``database=True`` uses the node's own tables
-    (node.jobs.counts_by_state, node.outbox.backlog) for whichever of jobs/outbox is not given."""
+    (node.pipeline.jobs.counts_by_state, node.pipeline.outbox.backlog) for whichever of jobs/outbox is not given."""
     if database:
-        from node import jobs as _jobs
-        from node import outbox as _outbox
+        from node.pipeline import jobs as _jobs
+        from node.pipeline import outbox as _outbox
 
         jobs = jobs or _in_connection(_jobs.counts_by_state)
         outbox = outbox or _in_connection(_outbox.backlog)

@@ -9,8 +9,8 @@ Correlation ids
     A :mod:`contextvars` variable, set with :func:`correlation` (a context manager, for jobs and
     other scoped work) or :func:`set_correlation` (for a pynetdicom association: each association
     is its own thread, so setting it in the EVT_REQUESTED handler holds for every handler of that
-    association). A thread with no id set falls back to the ``_modelnode_id`` that
-    ``node.server.assoc_id`` stores on the association, so pynetdicom's own threads carry it too.
+    association). A thread with no id set falls back to the id of the association it serves
+    (:func:`node.dimse.association.peek`), so pynetdicom's own threads carry it too.
 
 PHI policy (docs/operations.md)
     Above DEBUG the node logs UIDs, AE titles, addresses, counts and statuses, never patient
@@ -33,6 +33,8 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TextIO
+
+from node.dimse import association
 
 REDACTED = "<redacted>"
 
@@ -85,10 +87,8 @@ def current_correlation() -> str | None:
         return cid
     # pynetdicom: an Association is a thread; its DUL thread points back at it with ``assoc``.
     thread = threading.current_thread()
-    cid = getattr(thread, "_modelnode_id", None)
-    if cid is None:
-        cid = getattr(getattr(thread, "assoc", None), "_modelnode_id", None)
-    return cid
+    state = association.peek(thread) or association.peek(getattr(thread, "assoc", None))
+    return state.id if state is not None else None
 
 
 class CorrelationFilter(logging.Filter):

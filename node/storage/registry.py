@@ -23,9 +23,9 @@ import peewee
 
 from iods import model_object
 from iods.card import ModelCard, card_from_json
-from node import index
-from node.db import BaseModel, database_proxy, write_transaction
-from node.storage import ObjectStore, StoredObject
+from node.storage import index
+from node.storage.db import BaseModel, database_proxy, write_transaction
+from node.storage.objects import ObjectStore, StoredObject
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A workstation that only has ``findscu`` asks the node's *selection AE title*
 (``node.select_ae_title``, default ``MODELNODE_SELECT``) a SERIES-level query. The answers are
-the model library's series, **best first**, ranked by :mod:`node.selection`; a model that does
+the model library's series, **best first**, ranked by :mod:`node.pipeline.selection`; a model that does
 not fit is not returned. The identifier says what to rank for, in either of two ways:
 
 * the StudyInstanceUID (or SeriesInstanceUID) of a study stored on the node: its series'
@@ -30,8 +30,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from node import index
-from node.query import (
+from node.dimse.query_scp import (
     STATUS_CANCEL,
     STATUS_IDENTIFIER_MISMATCH,
     STATUS_PENDING,
@@ -44,7 +43,8 @@ from node.query import (
     parse_identifier,
     response,
 )
-from node.selection import Candidate, SeriesFacts, select
+from node.pipeline.selection import Candidate, SeriesFacts, select
+from node.storage import index
 
 log = logging.getLogger("modelnode.query")
 

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import peewee
 
 from node.config import Config
-from node.db import BaseModel, write_transaction
+from node.storage.db import BaseModel, write_transaction
 
 if TYPE_CHECKING:
-    from node.scu import Options
+    from node.scu.client import Options
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,11 @@ def backlog() -> dict[str, int]:
 
 
 def export_options(cfg: Config, destination: str) -> Options:
-    """The ``node.scu.Options`` for one C-STORE of an export to ``destination`` (a ``[[peers]]``
+    """The ``node.scu.client.Options`` for one C-STORE of an export to ``destination`` (a ``[[peers]]``
     AE title): a single attempt, since the outbox owns retrying with its own backoff and maximum
-    age, and TLS (node.tls) when that peer has ``tls = true``."""
-    from node import scu, tls  # pynetdicom only where something is sent
+    age, and TLS (node.security.tls) when that peer has ``tls = true``."""
+    from node.scu import client as scu
+    from node.security import tls  # pynetdicom only where something is sent
 
     return scu.Options(calling_ae=cfg.node.ae_title, retry=scu.NO_RETRY, max_pdu=cfg.node.max_pdu or 262144,
                        tls=tls.tls_args(cfg, destination))

@@ -26,9 +26,9 @@ The SCU: :func:`tls_args` gives pynetdicom's ``ae.associate(..., tls_args=...)``
 ``tls = true`` (``None`` for the others): the server's certificate is verified against
 ``[tls] ca_certificates`` (or the system trust store) and, with ``check_hostname``, must name the
 peer's host; the node presents its own certificate when it has one (peers that require client
-certificates). Every SCU path takes it: the node's C-MOVE sub-associations (node.permissions), the
-outbox exporter (node.outbox.export_options) and ``modelnode echo | store | find | fetch``
-(node.scu ``Options.tls``; the commands' ``--tls*`` options build contexts with
+certificates). Every SCU path takes it: the node's C-MOVE sub-associations (node.security.guard), the
+outbox exporter (node.pipeline.outbox.export_options) and ``modelnode echo | store | find | fetch``
+(node.scu.client ``Options.tls``; the commands' ``--tls*`` options build contexts with
 :func:`client_context_from`).
 
 Contexts are built once per distinct setting and cached: certificates are read at start, so a
@@ -126,7 +126,7 @@ def _server_context(certificate: str, private_key: str, ca_file: str, require_cl
     # No TLS 1.3 session tickets. OpenSSL sends them unasked right after the handshake, before the
     # client has said anything; they only serve session resumption, which pynetdicom never does.
     # What they did do is make the client's socket readable with no DICOM data behind it: a
-    # requestor whose DUL reads when its socket is readable (node.reactor's does, before sending
+    # requestor whose DUL reads when its socket is readable (node.dimse.compat.reactor's does, before sending
     # its queued A-ASSOCIATE-RQ) then blocks in SSL_read while we wait for that request, until a
     # timeout aborts the association. That is how the node's C-MOVE to `fetch --listen
     # --listen-tls` failed about one time in four.

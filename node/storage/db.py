@@ -8,6 +8,7 @@ installs the ``postgres`` extra.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def _db_values(model: type[BaseModel], values: dict[str, Any]) -> list[Any]:
 
 
 class Statements:
-    """Hand-written SQL for the C-STORE hot path (node.index, node.jobs), one per database.
+    """Hand-written SQL for the C-STORE hot path (node.storage.index, node.pipeline.jobs), one per database.
 
     peewee spends about 0.3 ms composing each query; a C-STORE needs five of them, which was most
     of the per-instance cost of indexing (2.6 ms of 3 ms, 200-slice CT). The statements are plain
@@ -109,8 +110,12 @@ def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-def open_database(url: str) -> peewee.Database:
-    """Connect to ``url``, bind the proxy to it and create any missing tables."""
+def open_database(url: str, tables: Sequence[type[peewee.Model]] = ()) -> peewee.Database:
+    """Connect to ``url``, bind the proxy to it and create any of ``tables`` that are missing.
+
+    The tables are given by the caller (:func:`node.app.open_app` names every table of the
+    node) rather than found by importing their modules here: those modules import this one.
+    """
     if url.startswith("sqlite:"):
         path = url.split("sqlite:///", 1)[-1] if url.startswith("sqlite:///") else url[len("sqlite:"):]
         if path and path != ":memory:":
@@ -120,24 +125,10 @@ def open_database(url: str) -> peewee.Database:
         db = connect(url)
     database_proxy.initialize(db)
     db.connect(reuse_if_open=True)
-    from node import index, jobs, outbox, registry  # noqa: F401  (import registers the tables)
-
-    db.create_tables(all_tables(), safe=True)
+    if tables:
+        db.create_tables(peewee.sort_models(list(tables)), safe=True)
     log.debug("database open: %s", _redact(url))
     return db
-
-
-def all_tables() -> list[type[peewee.Model]]:
-    """Every table, in dependency order."""
-    def walk(cls: type) -> list[type]:
-        out = []
-        for sub in cls.__subclasses__():
-            out.append(sub)
-            out.extend(walk(sub))
-        return out
-
-    tables = [t for t in walk(BaseModel) if not getattr(t._meta, "abstract", False)]
-    return peewee.sort_models(tables)
 
 
 def _redact(url: str) -> str:

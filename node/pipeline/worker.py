@@ -1,6 +1,6 @@
 """From stored series to results in the PACS: scheduler, workers and exporter threads.
 
-* The **scheduler** turns quiet series (see :mod:`node.jobs`) into pending jobs.
+* The **scheduler** turns quiet series (see :mod:`node.pipeline.jobs`) into pending jobs.
 * **Workers** (``pipeline.workers`` threads) claim a job, select a model for each series in it
   (the explanation is logged and kept on the job), run it with ONNX Runtime, build the SEG or SR,
   store the result locally (so C-FIND and C-MOVE find it) and queue it in the outbox.
@@ -30,11 +30,13 @@ from iods import model_object
 from iods.anatomy import AnatomyNormaliser
 from iods.card import ModelCard
 from models.image_check import image_anatomy
-from node import audit as audit_events
-from node import index, jobs, logsetup, metrics, outbox
 from node.context import NodeContext
-from node.db import write_transaction
-from node.selection import Selection, SeriesFacts, select
+from node.ops import audit as audit_events
+from node.ops import logsetup, metrics
+from node.pipeline import jobs, outbox
+from node.pipeline.selection import Selection, SeriesFacts, select
+from node.storage import index
+from node.storage.db import write_transaction
 
 log = logging.getLogger("modelnode.pipeline")
 
@@ -64,7 +66,7 @@ class Pipeline:
     def __init__(self, ctx: NodeContext, *, sender: Callable[[str, Dataset | str], int] | None = None,
                  audit: Any = None) -> None:
         from models.runtime import RuntimeSettings, SessionCache
-        from node.audit import AuditLog
+        from node.ops.audit import AuditLog
 
         self.ctx = ctx
         cfg = ctx.config
@@ -77,8 +79,8 @@ class Pipeline:
         self.normaliser = AnatomyNormaliser(extra_synonyms=cfg.anatomy.synonyms)
         self._send = sender or self._c_store
         from iods.results import warm_up
-        from node.headstart import HeadStart
-        from node.prefetch import Prefetcher
+        from node.pipeline.headstart import HeadStart
+        from node.pipeline.prefetch import Prefetcher
 
         self.head_start = HeadStart() if cfg.pipeline.head_start else None
         self.prefetch = Prefetcher(ctx.app.store, cfg.pipeline.prefetch_mb << 20,
@@ -283,7 +285,7 @@ class Pipeline:
         t = time.perf_counter()
         ahead = self.head_start.take(series.series_uid, digests, record.uid) if self.head_start is not None else None
         if ahead is not None:
-            # Same model, same files: the result computed during the quiet time (node.headstart).
+            # Same model, same files: the result computed during the quiet time (node.pipeline.headstart).
             result_ds = ahead.result
             timings.update(ahead.timings)
             timings["computed_ahead"] = 1.0
@@ -330,7 +332,7 @@ class Pipeline:
                                         lambda s=series, ae=arrival.called_ae: self._compute_ahead(s, ae))
 
     def _compute_ahead(self, series: index.Series, called_ae: str) -> Any:
-        from node.headstart import Ahead
+        from node.pipeline.headstart import Ahead
 
         t0 = time.perf_counter()
         datasets, digests = self._load_series(series, keep=True)
@@ -426,7 +428,7 @@ class Pipeline:
 
     def _c_store(self, destination: str, path: str) -> int:
         """One C-STORE to a configured peer; returns the status (raises when no association)."""
-        from node import scu
+        from node.scu import client as scu
 
         peer = self.ctx.config.peer(destination)
         if peer is None:

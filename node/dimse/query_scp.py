@@ -1,9 +1,9 @@
 """C-FIND: the query engine and the C-FIND SCP handler (Patient Root and Study Root).
 
 The engine turns a request identifier into a :class:`Query` (level, information model, match
-conditions, the keys to return), runs it against the instance index (:mod:`node.index`, with the
+conditions, the keys to return), runs it against the instance index (:mod:`node.storage.index`, with the
 model registry's coded terms for the anatomy and finding keys) and builds one response identifier
-per match. :mod:`node.retrieve` reuses it to resolve C-MOVE and C-GET identifiers to instances.
+per match. :mod:`node.dimse.retrieve_scp` reuses it to resolve C-MOVE and C-GET identifiers to instances.
 
 Matching (PS3.4 C.2.2.2), as implemented here:
 
@@ -55,8 +55,9 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 
-from node.db import database_proxy
-from node.index import Instance, Patient, Series, Study
+from node.dimse.association import assoc_id
+from node.storage.db import database_proxy
+from node.storage.index import Instance, Patient, Series, Study
 
 log = logging.getLogger("modelnode.query")
 
@@ -434,8 +435,8 @@ class CodedCondition(Condition):
     template: CodeTemplate
 
     def sql(self) -> peewee.Expression | None:
-        # Imported here: node.registry pulls in onnx, which the CLI's SCU commands never need.
-        from node.registry import ModelRecord, ModelTerm
+        # Imported here: node.storage.registry pulls in onnx, which the CLI's SCU commands never need.
+        from node.storage.registry import ModelRecord, ModelTerm
 
         sub = ModelRecord.select(ModelRecord.series_uid).join(ModelTerm).where(ModelTerm.kind.in_(self.template.kinds))
         if self.template.value:
@@ -749,7 +750,7 @@ def _compute(matches: list[Match], level: str, names: set[str], coded: bool) -> 
         for m in matches:
             m.computed["NumberOfSeriesRelatedInstances"] = per.get(m.series.id, 0)
     if coded and level in ("SERIES", "IMAGE"):
-        from node.registry import ModelRecord, ModelTerm
+        from node.storage.registry import ModelRecord, ModelTerm
 
         uids = sorted({m.series.series_uid for m in matches if m.series.is_model})
         terms: dict[str, list[Any]] = defaultdict(list)
@@ -882,7 +883,7 @@ def _dictionary_vr(tag: int) -> str:
 
 def _peer(event: Any) -> str:
     assoc = event.assoc
-    ident = getattr(assoc, "_modelnode_id", "")
+    ident = assoc_id(assoc)
     rq = assoc.requestor
     return f"[{ident}] {(rq.ae_title or '?').strip()}@{rq.address}" if ident else f"{(rq.ae_title or '?').strip()}@{rq.address}"
 
@@ -890,13 +891,11 @@ def _peer(event: Any) -> str:
 # --------------------------------------------------------------------------- the C-FIND SCP
 
 
-def handle_find(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-    """EVT_C_FIND handler: one pending response per match, then success (or cancel / failure)."""
-    from node.select_query import handle_selection_find, is_selection_query
+def handle_query(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """A C-FIND on the index: one pending response per match, then success (or cancel / failure).
 
-    if is_selection_query(event, ctx):
-        yield from handle_selection_find(event, ctx)
-        return
+    Bound through :func:`node.dimse.find_scp.handle_find`, which sends selection queries elsewhere.
+    """
     peer = _peer(event)
     try:
         model = information_model(str(event.request.AffectedSOPClassUID))

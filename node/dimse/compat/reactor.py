@@ -91,7 +91,7 @@ def _association_wait(assoc: Association, seconds: float) -> None:
     pynetdicom's loop looks for a queued DIMSE message, a release or abort indication from the
     DUL, a dead DUL thread and the network idle timer, then sleeps 1 ms. Waking every millisecond
     cost an idle association thread 13% of the node's CPU during an ingest (its C-STOREs are
-    served on the DUL thread, node.store_dimse): 1,000 turns a second, each taking the GIL.
+    served on the DUL thread, node.dimse.compat.store_messages): 1,000 turns a second, each taking the GIL.
 
     An acceptor's thread therefore waits up to :data:`ACCEPTOR_IDLE_WAIT`, woken at once by a
     DIMSE message or an indication. What is left to that timeout is seen later by at most that
@@ -318,7 +318,7 @@ def _more_of_this_message(dul: DULServiceProvider) -> bool:
 def only_library_handlers(assoc: Any, event: Any, standard: Callable[..., Any] | None = None) -> bool:
     """Nothing is bound to ``event`` but pynetdicom's own ``standard`` logging handler (if any).
 
-    The short paths here and in node.store_dimse skip some of pynetdicom's events; they are
+    The short paths here and in node.dimse.compat.store_messages skip some of pynetdicom's events; they are
     taken only when nobody (a user, a test, a plugin) listens to those events.
     """
     return all(handler[0] is standard for handler in assoc.get_handlers(event))
@@ -335,7 +335,7 @@ def _direct(dul: DULServiceProvider) -> bool:
 def send_now(dul: DULServiceProvider, context_id: int, pdv: bytes) -> bool:
     """Send one PDV as a P-DATA-TF right now if this is the DUL thread in Sta6; else False.
 
-    For a response served on the DUL thread (:func:`node.store_dimse._serve_here`): queuing it
+    For a response served on the DUL thread (:func:`node.dimse.compat.store_messages._serve_here`): queuing it
     would only have this same thread take it off the queue on its next turn and run it through
     the FSM (event 9 in Sta6 is action DT-1, send the PDU, back to Sta6). Only when nothing is
     queued before it and nothing but pynetdicom's no-op logging handler is bound to the events

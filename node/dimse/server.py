@@ -7,11 +7,11 @@
 Services (see docs/dimse.md for the conformance statement):
 
 * Verification SCP (C-ECHO).
-* Storage SCP (C-STORE, :mod:`node.store`) for every storage SOP class pynetdicom knows, in the
+* Storage SCP (C-STORE, :mod:`node.dimse.store_scp`) for every storage SOP class pynetdicom knows, in the
   uncompressed and the common compressed transfer syntaxes; the same contexts accept the SCP role
   so that C-GET sub-operations can come back over them.
-* Query/Retrieve SCP, Patient and Study Root FIND/MOVE/GET (:mod:`node.query`,
-  :mod:`node.retrieve`). These modules may not exist yet in a given checkout: the contexts are
+* Query/Retrieve SCP, Patient and Study Root FIND/MOVE/GET (:mod:`node.dimse.query_scp`,
+  :mod:`node.dimse.retrieve_scp`). These modules may not exist yet in a given checkout: the contexts are
   then not offered and the node runs without them.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import faulthandler
 import importlib
-import itertools
 import logging
 import signal
 import threading
@@ -43,13 +42,16 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from node import reactor, store_dimse, systemd
-from node import store as store_handler
 from node.app import App, open_app
 from node.config import Config, ConfigError
 from node.context import NodeContext
-from node.db import _redact
 from node.dimse import compat
+from node.dimse import store_scp as store_handler
+from node.dimse.association import assoc_id
+from node.dimse.compat import reactor
+from node.dimse.compat import store_messages as store_dimse
+from node.ops import systemd
+from node.storage.db import _redact
 
 log = logging.getLogger("modelnode.server")
 
@@ -80,7 +82,6 @@ FIND_CLASSES = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetr
 MOVE_CLASSES = (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove)
 GET_CLASSES = (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet)
 
-_assoc_ids = itertools.count(1)
 
 
 def _copy_contexts(obj: Any, memo: dict[int, Any] | None = None) -> Any:
@@ -104,8 +105,8 @@ def _tune_pynetdicom() -> None:
     """Process-wide pynetdicom settings for a node (set when a :class:`Node` is built).
 
     * Datasets go to a temporary file as they arrive, not into memory (a model can be 1 GiB).
-    * The DUL and association reactors tuned (:mod:`node.reactor`).
-    * C-STORE-RQ decoded and C-STORE-RSP encoded by hand (:mod:`node.store_dimse`).
+    * The DUL and association reactors tuned (:mod:`node.dimse.compat.reactor`).
+    * C-STORE-RQ decoded and C-STORE-RSP encoded by hand (:mod:`node.dimse.compat.store_messages`).
     * :func:`_copy_contexts` for the per-association copy of the supported contexts.
 
     Nothing is patched unless the installed pynetdicom is the version these patches were written
@@ -135,15 +136,6 @@ def _optional_handler(module: str, name: str) -> Callable[..., Any] | None:
         log.warning("%s is not available: %s is not offered", module, name)
         return None
     return getattr(mod, name)
-
-
-def assoc_id(assoc: Any) -> str:
-    """A short id for log lines, stable for the life of the association."""
-    ident = getattr(assoc, "_modelnode_id", None)
-    if ident is None:
-        ident = f"a{next(_assoc_ids)}"
-        assoc._modelnode_id = ident
-    return ident
 
 
 def _peer_desc(assoc: Any) -> str:
@@ -184,7 +176,7 @@ class Node:
         self.app = app or open_app(config)
         self.ctx = NodeContext(self.app)
         self.ae = self._build_ae()
-        from node.permissions import Security
+        from node.security.guard import Security
 
         # Allow-list, user identity, per-peer permissions, disk guard, audit and metrics hooks.
         self.security = Security(config)
@@ -212,9 +204,9 @@ class Node:
             # scu_role/scp_role: accept what a C-GET requestor proposes for the sub-operations.
             ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
 
-        self._find = _optional_handler("node.query", "handle_find")
-        self._move = _optional_handler("node.retrieve", "handle_move")
-        self._get = _optional_handler("node.retrieve", "handle_get")
+        self._find = _optional_handler("node.dimse.query_scp", "handle_find")
+        self._move = _optional_handler("node.dimse.retrieve_scp", "handle_move")
+        self._get = _optional_handler("node.dimse.retrieve_scp", "handle_get")
         for classes, handler in ((FIND_CLASSES, self._find), (MOVE_CLASSES, self._move), (GET_CLASSES, self._get)):
             if handler is not None:
                 for sop_class in classes:
@@ -283,10 +275,11 @@ class Node:
         """Listen on the configured address; with ``block`` serve until :meth:`stop`."""
         n = self.config.node
         store_handler.prepare(self.ctx)
-        from node import metrics, tls
+        from node.ops import metrics
+        from node.security import tls
 
         if self.config.pipeline.enabled:
-            from node.pipeline import Pipeline
+            from node.pipeline.worker import Pipeline
 
             # Built before the port opens: that imports ONNX Runtime and highdicom and loads their
             # tables (several hundred ms of CPU under the GIL), which used to run beside the first
@@ -371,7 +364,7 @@ def serve(config: Config) -> int:
     # Process-wide, so set here, in the node's own process only.
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    from node import tls
+    from node.security import tls
 
     problems = tls.validate(config)
     if problems:

@@ -1,6 +1,6 @@
 """The reference networks (PyTorch): a compact 2D U-Net and a small body-part classifier.
 
-Only ``models.train`` imports this module; the node serves the exported ONNX graphs and never
+Only ``models.training.train`` imports this module; the node serves the exported ONNX graphs and never
 needs torch. Both networks are sized for CPU training in minutes and for packed model objects
 of about a megabyte. The exported graphs end in their activation (sigmoid per segmentation
 class, softmax over body parts) so that ONNX Runtime hands back probabilities, as the model

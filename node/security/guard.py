@@ -13,7 +13,7 @@ Actions (``[[peers]] permissions``, ``[[users]] permissions``, ``[security] defa
 A caller's permissions are those of its ``[[peers]]`` entry (matched by calling AE title and,
 when the entry's ``host`` is an address, network or name, by the connection's address);
 an unknown caller is rejected with the allow-list on and gets ``default_permissions`` with it
-off. A verified user (node.identity) narrows them further: both the machine and the person must
+off. A verified user (node.security.identity) narrows them further: both the machine and the person must
 be allowed (intersection). A caller left with no permission at all is rejected.
 
 Enforcement happens at the door where it can: in EVT_REQUESTED the presentation contexts of the
@@ -23,7 +23,7 @@ on them. Storage cannot be decided per context (a model and a Raw Data image sha
 and C-GET needs storage contexts to deliver), so C-STORE is checked in the handler: 0x0124
 (Refused: Not Authorized).
 
-:class:`Security` is the one object node.server needs: ``security.wrap(handlers)`` returns the
+:class:`Security` is the one object node.dimse.server needs: ``security.wrap(handlers)`` returns the
 handler list with the checks, the audit events, the metrics and the disk guard woven in, and
 ``security.on_user_id`` answers EVT_USER_ID. See docs/operations.md and the INTEGRATION notes.
 """
@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +44,14 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom import sop_class as _sc
 
-from node import audit as audit_events
-from node import metrics
-from node.audit import AuditLog, association_fields
 from node.config import PERMISSIONS, Config
-from node.diskguard import DiskGuard
-from node.identity import IdentityResult, IdentityVerifier
-from node.logsetup import set_correlation
+from node.dimse.association import assoc_id, state_of
+from node.ops import audit as audit_events
+from node.ops import metrics
+from node.ops.audit import AuditLog, association_fields
+from node.ops.logsetup import set_correlation
+from node.security.diskguard import DiskGuard
+from node.security.identity import IdentityResult, IdentityVerifier
 
 log = logging.getLogger("modelnode.security")
 
@@ -201,15 +202,6 @@ def prune_contexts(assoc: Any, permissions: frozenset[str]) -> None:
 # --------------------------------------------------------------------------- the guard
 
 
-def _assoc_id(assoc: Any) -> str:
-    ident = getattr(assoc, "_modelnode_id", None)
-    if ident is None:
-        from node.server import assoc_id  # late: node.server imports the handlers
-
-        ident = assoc_id(assoc)
-    return ident
-
-
 def _status_code(status: Any) -> int:
     if isinstance(status, Dataset):
         return int(status.get("Status", 0xC211))
@@ -254,15 +246,6 @@ def _is_model_file(path: Path) -> bool:
         return False
 
 
-@dataclass
-class _Received:
-    """What one association stored, for its images-stored audit summary."""
-
-    images: int = 0
-    bytes: int = 0
-    sop_uids: list[str] = field(default_factory=list)
-
-
 class Security:
     """Access control, audit, metrics and the disk guard around the DIMSE handlers.
 
@@ -288,7 +271,7 @@ class Security:
         if not d.ok:
             return d
         ident: IdentityResult = self.identity.verify_assoc(assoc)
-        assoc._modelnode_identity = ident
+        state_of(assoc).identity = ident
         if not ident.ok:
             return Decision(False, f"user identity refused: {ident.reason}", user=ident.username,
                             reject=REJECT_NO_REASON, identity_failed=True)
@@ -299,14 +282,14 @@ class Security:
     def on_requested(self, event: Any) -> bool:
         """EVT_REQUESTED: decide; reject (and audit) or narrow the contexts. True if it goes on."""
         assoc = event.assoc
-        aid = _assoc_id(assoc)
+        aid = assoc_id(assoc)
         set_correlation(aid)  # this thread is the association: every later handler runs in it
         d = self.check_association(assoc)
         if d.identity_failed:
             self.audit.record(audit_events.IDENTITY_REJECTED, **association_fields(assoc),
                               user=d.user, reason=d.reason, outcome="rejected")
         if not d.ok:
-            assoc._modelnode_reject_reason = d.reason
+            state_of(assoc).reject_reason = d.reason
             log.warning("[%s] rejecting association from %s:%s: %s", aid, assoc.requestor.address,
                         assoc.requestor.port, d.reason)
             # As pynetdicom's own rejections do: the A-ASSOCIATE-RJ goes out, EVT_REJECTED fires
@@ -316,9 +299,10 @@ class Security:
             evt.trigger(assoc, evt.EVT_REJECTED, {})
             assoc.kill()
             return False
-        assoc._modelnode_permissions = d.permissions
+        state = state_of(assoc)
+        state.permissions = d.permissions
         if d.user:
-            assoc._modelnode_user = d.user
+            state.user = d.user
         prune_contexts(assoc, d.permissions)
         return True
 
@@ -327,20 +311,21 @@ class Security:
 
     def permitted(self, assoc: Any, action: str) -> tuple[bool, str]:
         """For handlers: may this (accepted) association do ``action``?"""
-        perms = getattr(assoc, "_modelnode_permissions", None)
+        state = state_of(assoc)
+        perms = state.permissions
         if perms is None:  # not decided at the door (Security not wired into EVT_REQUESTED)
             rq = assoc.requestor
-            return allowed(self.cfg, rq.ae_title or "", rq.address, action, getattr(assoc, "_modelnode_user", None))
+            return allowed(self.cfg, rq.ae_title or "", rq.address, action, state.user)
         if action in perms:
             return True, ""
         return False, f"{(assoc.requestor.ae_title or '').strip()!r} may not {action}"
 
     def on_accepted(self, event: Any) -> None:
         assoc = event.assoc
-        from node import tls
+        from node.security import tls
 
         metrics.ASSOCIATIONS.labels("accepted").inc()
-        perms = getattr(assoc, "_modelnode_permissions", None)
+        perms = state_of(assoc).permissions
         self.audit.record(audit_events.ASSOCIATION_ACCEPTED, **association_fields(assoc), outcome="accepted",
                           permissions=sorted(perms) if perms is not None else None,
                           contexts=len(assoc.accepted_contexts), **tls.session_info(assoc))
@@ -348,9 +333,10 @@ class Security:
     def on_rejected(self, event: Any) -> None:
         assoc = event.assoc
         metrics.ASSOCIATIONS.labels("rejected").inc()
-        reason = getattr(assoc, "_modelnode_reject_reason", None)
+        state = state_of(assoc)
+        reason = state.reject_reason
         if reason is None:
-            ident = getattr(assoc, "_modelnode_identity", None)
+            ident = state.identity
             reason = (f"user identity refused: {ident.reason}" if isinstance(ident, IdentityResult) and not ident.ok
                       else "rejected during negotiation (association limit, called AE title or identity)")
         self.audit.record(audit_events.ASSOCIATION_REJECTED, **association_fields(assoc), outcome="rejected",
@@ -368,8 +354,8 @@ class Security:
         self._summary(assoc, "aborted")
 
     def _summary(self, assoc: Any, outcome: str) -> None:
-        got: _Received | None = getattr(assoc, "_modelnode_received", None)
-        if got is None or not got.images:
+        got = state_of(assoc).received
+        if not got.images:
             return
         self.audit.record(audit_events.IMAGES_STORED, **association_fields(assoc), outcome=outcome,
                           instances=got.images, bytes=got.bytes, study_uids=_study_uids(got.sop_uids))
@@ -388,7 +374,7 @@ class Security:
             refusal = self._store_refusal(assoc, sop_class, path)
             if refusal is not None:
                 status, reason, label = refusal
-                log.warning("[%s] C-STORE %s from %s refused with 0x%04X: %s", _assoc_id(assoc), sop_uid,
+                log.warning("[%s] C-STORE %s from %s refused with 0x%04X: %s", assoc_id(assoc), sop_uid,
                             (assoc.requestor.ae_title or "").strip(), status, reason)
                 metrics.STORE_REFUSED.labels(label).inc()
                 if path is not None:
@@ -405,7 +391,7 @@ class Security:
         return handle_store
 
     def _store_refusal(self, assoc: Any, sop_class: str, path: Path | None) -> tuple[int, str, str] | None:
-        perms = getattr(assoc, "_modelnode_permissions", None)
+        perms = state_of(assoc).permissions
         if perms is not None:
             may_images, may_models = "store-images" in perms, "store-models" in perms
             if not (may_images and may_models):
@@ -426,7 +412,7 @@ class Security:
         metrics.INSTANCES_RECEIVED.labels("model" if model is not None else "image").inc()
         metrics.BYTES_RECEIVED.inc(size)
         if model is None:
-            got = assoc.__dict__.setdefault("_modelnode_received", _Received())
+            got = state_of(assoc).received
             got.images += 1
             got.bytes += size
             got.sop_uids.append(sop_uid)
@@ -474,7 +460,7 @@ class Security:
     def _with_tls(self, item: Any, destination: str) -> Any:
         if not isinstance(item, tuple) or len(item) < 2 or item[0] is None:
             return item
-        from node import tls
+        from node.security import tls
 
         args = tls.tls_args(self.cfg, destination, str(item[0]))
         if args is None:
@@ -486,7 +472,7 @@ class Security:
     # ------------------------------------------------------------------ wiring
 
     def wrap(self, handlers: list[tuple[Any, ...]]) -> list[tuple[Any, Callable[..., Any], list[Any]]]:
-        """``handlers`` as node.server binds them, with this object's checks woven in.
+        """``handlers`` as node.dimse.server binds them, with this object's checks woven in.
 
         EVT_REQUESTED: ours runs first and the original only if we did not reject. EVT_C_STORE,
         EVT_C_MOVE, EVT_C_GET: wrapped. EVT_USER_ID: ours unless one is bound. Accepted, rejected,
@@ -541,7 +527,7 @@ class Security:
 
 def _registered_model(uid: str) -> Any:
     try:
-        from node.registry import ModelRecord
+        from node.storage.registry import ModelRecord
 
         return ModelRecord.get_or_none(ModelRecord.uid == uid)
     except Exception:  # no database bound (a test AE) or a transient error: treat as not a model
@@ -553,7 +539,7 @@ def _study_uids(sop_uids: list[str], limit: int = 50) -> list[str]:
     if not sop_uids:
         return []
     try:
-        from node.index import Instance, Series, Study
+        from node.storage.index import Instance, Series, Study
 
         found: set[str] = set()
         for i in range(0, len(sop_uids), 500):

@@ -1,6 +1,6 @@
-"""Train, evaluate, export and pack the reference models (``python -m models.train``).
+"""Train, evaluate, export and pack the reference models (``python -m models.training.train``).
 
-Run by ``scripts/train_reference``. Data come from ``models.phantoms`` (fixed seed lists) and
+Run by ``scripts/train_reference``. Data come from ``models.training.phantoms`` (fixed seed lists) and
 pass through ``models.preprocess.prepare`` with the preprocessing of the model's own card, the
 same function the node runs before inference. Figures are measured on held-out phantoms with
 the exported ONNX graph under ONNX Runtime (what ships, not the PyTorch module), written into
@@ -38,8 +38,9 @@ from tqdm import tqdm
 
 from iods.card import ModelCard, Preprocessing, load_card, parse_card
 from iods.uids import derived_uid
-from models import phantoms
-from models.networks import (
+from models.preprocess import prepare, prepare_dataset, resize, to_masks
+from models.training import phantoms
+from models.training.networks import (
     BODY_PART_CLASSES,
     LUNG_CLASSES,
     BodyPartNet,
@@ -47,7 +48,6 @@ from models.networks import (
     WithActivation,
     parameter_count,
 )
-from models.preprocess import prepare, prepare_dataset, resize, to_masks
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_DIR = ROOT / "models" / "reference"
@@ -56,7 +56,7 @@ SEED = 20261121
 THREADS = 2
 OPSET = 17
 CARD_DATE = "2026-11-21"
-TRAINING_COMMAND = "scripts/train_reference (python -m models.train)"
+TRAINING_COMMAND = "scripts/train_reference (python -m models.training.train)"
 
 # Seed lists. Tests use seeds from 9000 (CT) and 90000 (radiographs) up, never these.
 CT_TRAIN = range(1000, 1072)
@@ -592,7 +592,7 @@ def _fmt_perf(perf: dict[str, Any]) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m models.training.train", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REFERENCE_DIR, help="where the cards and model objects go")
     ap.add_argument("--build", type=Path, default=BUILD_DIR, help="ONNX files and the JSON report")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="data generation processes")
@@ -631,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         perf.update(onnx_torch_max_abs_diff=diff, training_seconds=t_train, data_seconds=t_data,
                     parameters=float(parameter_count(net)))
         report["lung_unet"] = perf
-        header = (f"Reference lung U-Net card, written by python -m models.train on {CARD_DATE}.\n"
+        header = (f"Reference lung U-Net card, written by python -m models.training.train on {CARD_DATE}.\n"
                   "Figures: held-out phantoms, exported graph under ONNX Runtime (see docs/reference-models.md).")
         toml_path, dcm_path = _pack(onnx_path, lung_card_dict(_fmt_perf(perf)), args.out, "lung_unet", header)
         report["lung_unet"]["object_bytes"] = dcm_path.stat().st_size
@@ -669,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 perf[f"{key}_files_scored"] = float(len(scored))
                 perf[f"{key}_accuracy"] = sum(r["correct"] for r in scored) / len(scored)
         report["bodypart_cnn"] = {**perf, "confusion": confusion, "classes": list(BODY_PART_CLASSES), "real": real}
-        header = (f"Reference body-part classifier card, written by python -m models.train on {CARD_DATE}.\n"
+        header = (f"Reference body-part classifier card, written by python -m models.training.train on {CARD_DATE}.\n"
                   "Figures: held-out phantoms, exported graph under ONNX Runtime (see docs/reference-models.md).")
         toml_path, dcm_path = _pack(onnx_path, body_card_dict(_fmt_perf(perf)), args.out, "bodypart_cnn", header)
         report["bodypart_cnn"]["object_bytes"] = dcm_path.stat().st_size

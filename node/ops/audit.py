@@ -4,7 +4,7 @@ Each line has ``ts`` (UTC, ISO 8601 with milliseconds), ``event`` and the fields
 who (``calling_ae``, ``called_ae``, ``address``, ``user`` when one was verified), which
 association (``association``), what (``sop_instance_uid``, ``model_uid``, ``study_uids``...),
 and ``outcome`` / ``reason``. Patient names, IDs and other demographics are never written: any
-field whose key names one (node.logsetup.PHI_KEYS) is dropped on the way in.
+field whose key names one (node.ops.logsetup.PHI_KEYS) is dropped on the way in.
 
 Events (docs/operations.md): association-accepted, association-rejected, identity-rejected,
 model-stored, model-replaced, model-removed, model-retrieved, images-stored (one summary per
@@ -29,7 +29,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from node.logsetup import is_phi_key
+from node.dimse import association
+from node.ops.logsetup import is_phi_key
 
 log = logging.getLogger("modelnode.audit")
 
@@ -54,17 +55,18 @@ def _now() -> str:
 def association_fields(assoc: Any) -> dict[str, Any]:
     """Who is on the other end of a pynetdicom association, for an audit event."""
     rq = assoc.requestor
+    state = association.peek(assoc)
     primitive = getattr(rq, "primitive", None)
     calling = (getattr(primitive, "calling_ae_title", None) or rq.ae_title or "").strip()
     called = (getattr(primitive, "called_ae_title", None) or "").strip()
     out: dict[str, Any] = {
-        "association": getattr(assoc, "_modelnode_id", None),
+        "association": state.id if state is not None else None,
         "calling_ae": calling,
         "called_ae": called,
         "address": rq.address,
         "port": rq.port,
     }
-    user = getattr(assoc, "_modelnode_user", None)
+    user = state.user if state is not None else None
     if user:
         out["user"] = user
     return out
@@ -132,7 +134,7 @@ class AuditLog:
                     os.fsync(fd)
         except OSError as exc:
             log.error("audit log %s: cannot record %s: %s", self.path, event, exc)
-            from node import metrics
+            from node.ops import metrics
 
             metrics.AUDIT_ERRORS.inc()
             return None

@@ -58,10 +58,11 @@ from pynetdicom import dimse_messages
 
 from iods import model_object
 from iods.uids import derived_uid
-from node import index
 from node.context import NodeContext
-from node.db import database_proxy, write_transaction
-from node.storage import ObjectStore, StoredObject, fsync_dir
+from node.dimse.association import assoc_id, state_of
+from node.storage import index
+from node.storage.db import database_proxy, write_transaction
+from node.storage.objects import ObjectStore, StoredObject, fsync_dir
 
 log = logging.getLogger("modelnode.store")
 
@@ -413,7 +414,6 @@ def _refuse(ds_status: int, reason: str) -> Dataset:
 
 def handle_store(event: Any, ctx: NodeContext) -> int | Dataset:
     """The ``evt.EVT_C_STORE`` handler; see the module docstring for what it guarantees."""
-    from node.server import assoc_id  # late: node.server imports this module
 
     t0 = time.perf_counter()
     assoc = event.assoc
@@ -524,7 +524,7 @@ def _early_header(head: bytes, transfer_syntax: str | None) -> EarlyHeader | Non
 
 def _entry(ds: Dataset) -> index.IndexEntry | None:
     if _is_model(ds):
-        return None  # registered by node.registry, which indexes it itself
+        return None  # registered by node.storage.registry, which indexes it itself
     try:
         return index.entry_for(ds)
     except Exception:  # noqa: BLE001 (read again, and refused with a reason, in the transaction)
@@ -645,7 +645,7 @@ def _index(ctx: NodeContext, ds: Dataset, durable: _Durable, transfer_syntax: st
 
     Returns the digest the instance pointed at before, if any.
     """
-    from node.registry import ModelConflict
+    from node.storage.registry import ModelConflict
 
     db = database_proxy.obj
     policy = ctx.config.storage.duplicate_policy
@@ -690,7 +690,7 @@ NOT_IMAGES = {"SEG", "SR", "KO", "PR", "REG", "DOC", "RWV", "PLAN", "RTSTRUCT", 
 
 
 def _note_arrival(ctx: NodeContext, ds: Dataset, assoc: Any, calling: str) -> None:
-    from node import jobs
+    from node.pipeline import jobs
 
     primitive = getattr(assoc.requestor, "primitive", None)
     called = str(getattr(primitive, "called_ae_title", "") or "").strip()
@@ -698,23 +698,24 @@ def _note_arrival(ctx: NodeContext, ds: Dataset, assoc: Any, calling: str) -> No
     group_by = pl.group_by_called_ae.get(called, pl.group_by)
     study = index.text(ds, "StudyInstanceUID")
     key = study if group_by == "study" else index.text(ds, "SeriesInstanceUID")
-    groups: set[str] = assoc.__dict__.setdefault("_modelnode_groups", set())
+    groups = state_of(assoc).groups
     jobs.note_arrival(key, group_by=group_by, study_uid=study, called_ae=called[:16], calling_ae=calling[:16],
                       new_association=key not in groups)
     groups.add(key)
 
 
 def association_ended(ctx: NodeContext, assoc: Any) -> set[str]:
-    """Released or aborted: the series it delivered may now complete (see node.jobs).
+    """Released or aborted: the series it delivered may now complete (see node.pipeline.jobs).
 
     Returns the group keys (series or study UIDs) it delivered to, for the pipeline."""
-    from node import jobs
+    from node.pipeline import jobs
 
-    groups = set(assoc.__dict__.get("_modelnode_groups") or ())
+    state = state_of(assoc)
+    groups = set(state.groups)
     if groups:
         with ctx.write_lock, write_transaction():
             jobs.association_ended(groups)
-        assoc.__dict__["_modelnode_groups"].clear()
+        state.groups.clear()
     return groups
 
 

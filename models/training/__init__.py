@@ -1,0 +1,2 @@
+"""Training the reference networks and generating their synthetic data. Needs the ``train``
+extra (torch); the node never imports this package."""

@@ -1,0 +1,2 @@
+"""Security: the allow-list and per-peer permissions, user identity, the handler guard, the
+disk guard and the TLS contexts."""
