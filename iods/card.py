@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iods.uids import conformant_uid
+
 SCHEMA = "modelnode.card/1"
 SUPPORTED_SCHEMAS = {SCHEMA}
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 _CS_RE = re.compile(r"^[A-Z0-9 _]{1,16}$")
 # DICOM modalities a model may target (PS3.3 C.7.3.1.1.1, those that carry images).
 MODALITIES = {
@@ -235,7 +236,7 @@ def _choice(r: _Reader, key: str, allowed: set[str], default: Any = ...) -> str:
 
 def _uid(r: _Reader, key: str, default: Any = ...) -> str:
     value = r.text(key, default)
-    if value and (len(value) > 64 or not _UID_RE.match(value)):
+    if value and not conformant_uid(value):
         raise CardError(r.sub(key), f"is not a valid DICOM UID: {value!r}")
     return value
 

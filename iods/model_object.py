@@ -39,9 +39,13 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from iods.card import CardError, Code, ModelCard, card_from_json
-from iods.uids import derived_uid
+from iods.uids import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    RAW_DATA_STORAGE,
+    derived_uid,
+)
 
-RAW_DATA_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66")
 PRIVATE_GROUP = 0x4D4D
 PRIVATE_CREATOR = "MODELNODE MODEL 1"
 LIBRARY_PATIENT_NAME = "MODELNODE^MODEL LIBRARY"
@@ -50,8 +54,6 @@ CONTENT_LABEL = "AI_MODEL"
 PAYLOAD_FORMAT = "ONNX"
 # Version of this encoding, written as the Raw Data module's CreatorVersionUID.
 CREATOR_VERSION_UID = UID("2.25.259614887328386373271040286331846329183")
-IMPLEMENTATION_CLASS_UID = UID("2.25.129394751271698390498262386262137618003")
-IMPLEMENTATION_VERSION = "MODELNODE_010"
 # ONNX protobufs cannot exceed 2 GiB; refuse well before the node would try to allocate that.
 DEFAULT_MAX_PAYLOAD = 1 << 30
 
@@ -363,7 +365,7 @@ def encode(
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     ds.file_meta = meta
     return ds
 
@@ -662,11 +664,11 @@ def repair_file(
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
         # PS3.10 7.1: the implementation named in the file meta is the one that wrote the file.
         if meta.get("ImplementationClassUID") != IMPLEMENTATION_CLASS_UID or (
-            meta.get("ImplementationVersionName") != IMPLEMENTATION_VERSION
+            meta.get("ImplementationVersionName") != IMPLEMENTATION_VERSION_NAME
         ):
-            changes.append(f"written by {IMPLEMENTATION_VERSION}")
+            changes.append(f"written by {IMPLEMENTATION_VERSION_NAME}")
             meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-            meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+            meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         with open(verified, "rb") as fh:
             ds[tag] = DataElement(tag, "OB", _EvenLengthReader(fh, header.length, progress))
             write(ds, out_path)

@@ -8,6 +8,7 @@ the same UID, and no organisation root needs registering.
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from pydicom.uid import UID
@@ -20,3 +21,32 @@ def derived_uid(*parts: str) -> UID:
     """A stable ``2.25.<decimal>`` UID for the tuple ``parts``."""
     name = "\x1f".join(parts)
     return UID(f"2.25.{uuid.uuid5(_NAMESPACE, name).int}")
+
+
+# --------------------------------------------------------------------------- constants
+# One definition each; every module of the node imports them from here.
+
+# The host SOP class of a model object (and of any Raw Data a PACS sends).
+RAW_DATA_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66")
+# Written in the File Meta of every file the node writes (model objects, received instances).
+IMPLEMENTATION_CLASS_UID = UID("2.25.129394751271698390498262386262137618003")
+IMPLEMENTATION_VERSION_NAME = "MODELNODE_010"
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+_CONFORMANT_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+
+
+def conformant_uid(value: str) -> bool:
+    """A UID exactly as PS3.5 9.1 requires (no leading zeros): what the node itself writes."""
+    return 0 < len(value) <= 64 and _CONFORMANT_UID_RE.match(value) is not None
+
+
+def valid_uid(value: str) -> bool:
+    """A UID the node accepts from a peer: digits and dots, at most 64 characters.
+
+    More lenient than :func:`conformant_uid` (modalities do send components with leading
+    zeros), and still enough for the node's safety: such a string can never be a path.
+    """
+    return 0 < len(value) <= 64 and _UID_RE.match(value) is not None

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 from node.cli.common import EXIT_CODES_HELP, CliError
 
 # Modules that add subcommands: each has ``register(subparsers)``.
-COMMANDS = ("node.cli.models",)
-OPTIONAL_COMMANDS = ("node.cli.serve", "node.cli.scu", "node.cli.select", "node.cli.jobs", "node.cli.admin")
+COMMANDS = ("node.cli.models", "node.cli.serve", "node.cli.scu", "node.cli.select", "node.cli.jobs", "node.cli.admin")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
-    for name in OPTIONAL_COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
     return parser
 
 

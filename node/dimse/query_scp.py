@@ -56,12 +56,20 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 
 from node.dimse.association import assoc_id
+from node.dimse.levels import LEVELS, UNIQUE_KEYS
+from node.dimse.status import (
+    CANCEL,
+    IDENTIFIER_DOES_NOT_MATCH,
+    PENDING,
+    SUCCESS,
+    UNABLE_TO_PROCESS,
+    UNABLE_TO_READ_INDEX,
+)
 from node.storage.db import database_proxy
 from node.storage.index import Instance, Patient, Series, Study
 
 log = logging.getLogger("modelnode.query")
 
-LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 PATIENT_ROOT = "PATIENT"
 STUDY_ROOT = "STUDY"
 
@@ -77,21 +85,6 @@ STUDY_ROOT_UIDS = {
     "1.2.840.10008.5.1.4.1.2.2.3",
 }
 
-# Unique key of each level: what C-MOVE / C-GET must name.
-UNIQUE_KEYS = {
-    "PATIENT": "PatientID",
-    "STUDY": "StudyInstanceUID",
-    "SERIES": "SeriesInstanceUID",
-    "IMAGE": "SOPInstanceUID",
-}
-
-# Failure statuses (PS3.4 C.4.1.1.4).
-STATUS_IDENTIFIER_MISMATCH = 0xA900
-STATUS_UNABLE_IDENTIFIER = 0xC000  # identifier could not be decoded
-STATUS_UNABLE_DATABASE = 0xC001  # the index could not be read
-STATUS_PENDING = 0xFF00
-STATUS_CANCEL = 0xFE00
-STATUS_SUCCESS = 0x0000
 
 QUERY_RETRIEVE_LEVEL = Tag(0x0008, 0x0052)
 SPECIFIC_CHARACTER_SET = Tag(0x0008, 0x0005)
@@ -502,7 +495,7 @@ def information_model(sop_class_uid: str) -> str:
         return PATIENT_ROOT
     if sop_class_uid in STUDY_ROOT_UIDS:
         return STUDY_ROOT
-    raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"unsupported information model {sop_class_uid}")
+    raise QueryError(IDENTIFIER_DOES_NOT_MATCH, f"unsupported information model {sop_class_uid}")
 
 
 def _element_values(elem: DataElement) -> list[str]:
@@ -525,7 +518,7 @@ def _parse_code_template(keyword: str, elem: DataElement) -> CodeTemplate:
     kinds = ("anatomy", "finding") if keyword == "AcquisitionContextSequence" else ("anatomy",)
     seq = elem.value or []
     if len(seq) > 1:
-        raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"{keyword} query must have at most one item", [elem.tag])
+        raise QueryError(IDENTIFIER_DOES_NOT_MATCH, f"{keyword} query must have at most one item", [elem.tag])
     if not seq:
         return CodeTemplate(kinds)
     item = seq[0]
@@ -557,7 +550,7 @@ def _condition(key: Key, elem: DataElement) -> Condition | None:
         return None  # counts are returned, not matched
     if key.vr in _RANGE_VRS:
         if len(values) != 1:
-            raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"{key.keyword}: one value or range expected", [elem.tag])
+            raise QueryError(IDENTIFIER_DOES_NOT_MATCH, f"{key.keyword}: one value or range expected", [elem.tag])
         value = values[0]
         if "-" in value:
             low, high = _split_range(value)
@@ -583,7 +576,7 @@ def _reading(keyword: str, tag: int, parse: Callable[[], Any]) -> Any:
     except QueryError:
         raise
     except Exception as exc:  # noqa: BLE001 (pydicom value conversions raise many types)
-        raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"{keyword} cannot be read: {exc}", [tag]) from exc
+        raise QueryError(IDENTIFIER_DOES_NOT_MATCH, f"{keyword} cannot be read: {exc}", [tag]) from exc
 
 
 # Pending responses allowed to wait in the association's send queue (see _wait_for_sender).
@@ -614,15 +607,15 @@ def parse_identifier(identifier: Dataset, model: str, *, retrieve: bool = False)
     except Exception as exc:  # pydicom decoding errors come in many types
         # The message can quote the identifier's values (PHI): DEBUG only, the kind of error above it.
         log.debug("identifier decode error: %s", exc)
-        raise QueryError(STATUS_UNABLE_IDENTIFIER,
+        raise QueryError(UNABLE_TO_PROCESS,
                          f"identifier cannot be decoded ({type(exc).__name__}; details at debug level)") from exc
     if level_elem is None:
-        raise QueryError(STATUS_IDENTIFIER_MISMATCH, "QueryRetrieveLevel (0008,0052) is missing", [QUERY_RETRIEVE_LEVEL])
+        raise QueryError(IDENTIFIER_DOES_NOT_MATCH, "QueryRetrieveLevel (0008,0052) is missing", [QUERY_RETRIEVE_LEVEL])
     if level not in LEVELS:
-        raise QueryError(STATUS_IDENTIFIER_MISMATCH, f"unsupported QueryRetrieveLevel {level!r}", [QUERY_RETRIEVE_LEVEL])
+        raise QueryError(IDENTIFIER_DOES_NOT_MATCH, f"unsupported QueryRetrieveLevel {level!r}", [QUERY_RETRIEVE_LEVEL])
     if model == STUDY_ROOT and level == "PATIENT":
         raise QueryError(
-            STATUS_IDENTIFIER_MISMATCH, "PATIENT level is not part of the Study Root model", [QUERY_RETRIEVE_LEVEL]
+            IDENTIFIER_DOES_NOT_MATCH, "PATIENT level is not part of the Study Root model", [QUERY_RETRIEVE_LEVEL]
         )
     query = Query(model, level, identifier)
     depth = _level_index(level)
@@ -654,7 +647,7 @@ def parse_identifier(identifier: Dataset, model: str, *, retrieve: bool = False)
         unique = UNIQUE_KEYS[level]
         if not query.value_of(unique) or query.value_of(unique) == "*":
             raise QueryError(
-                STATUS_IDENTIFIER_MISMATCH, f"a {level} retrieve needs {unique}", [tag_for_keyword(unique) or 0]
+                IDENTIFIER_DOES_NOT_MATCH, f"a {level} retrieve needs {unique}", [tag_for_keyword(unique) or 0]
             )
     return query
 
@@ -907,14 +900,14 @@ def handle_query(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset, Dataset 
     except Exception as exc:
         log.warning("C-FIND from %s refused: identifier cannot be decoded (%s)", peer, type(exc).__name__)
         log.debug("identifier decode error: %s", exc)
-        yield QueryError(STATUS_UNABLE_IDENTIFIER,
+        yield QueryError(UNABLE_TO_PROCESS,
                          f"identifier cannot be decoded ({type(exc).__name__})").status_dataset(), None
         return
     try:
         matches = run(query)
     except peewee.PeeweeException as exc:
         log.error("C-FIND from %s failed: index error: %s", peer, exc)
-        yield QueryError(STATUS_UNABLE_DATABASE, "the node's index cannot be read").status_dataset(), None
+        yield QueryError(UNABLE_TO_READ_INDEX, "the node's index cannot be read").status_dataset(), None
         return
     log.info("C-FIND %s root %s level from %s: %d match(es)", model.lower(), query.level, peer, len(matches))
     ae_title = ctx.config.node.ae_title
@@ -922,7 +915,7 @@ def handle_query(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset, Dataset 
         _wait_for_sender(event.assoc)
         if event.is_cancelled:
             log.info("C-FIND from %s cancelled after %d of %d match(es)", peer, n, len(matches))
-            yield STATUS_CANCEL, None
+            yield CANCEL, None
             return
-        yield STATUS_PENDING, response(match, query, ae_title)
-    yield STATUS_SUCCESS, None
+        yield PENDING, response(match, query, ae_title)
+    yield SUCCESS, None

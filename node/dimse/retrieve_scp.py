@@ -42,20 +42,18 @@ from pynetdicom import evt
 
 from node.dimse.association import assoc_id, state_of
 from node.dimse.query_scp import (
-    STATUS_CANCEL,
-    STATUS_PENDING,
-    STATUS_UNABLE_DATABASE,
     QueryError,
     information_model,
     instances_for,
     parse_identifier,
 )
+from node.dimse.status import CANCEL, PENDING, UNABLE_TO_READ_INDEX
+from node.dimse.status import category as status_category
 from node.scu.client import (
     FileInfo,
     SendRefused,
     file_info,
     send_file,
-    status_category,
     storage_contexts,
 )
 from node.storage.index import Instance
@@ -162,7 +160,7 @@ def _resolve(event: Any) -> list[Instance]:
         return instances_for(query)
     except peewee.PeeweeException as exc:
         log.error("index error while resolving a retrieve: %s", exc)
-        raise QueryError(STATUS_UNABLE_DATABASE, "the node's index cannot be read") from exc
+        raise QueryError(UNABLE_TO_READ_INDEX, "the node's index cannot be read") from exc
 
 
 def _items(ctx: Any, instances: list[Instance]) -> list[StoredInstance]:
@@ -184,9 +182,9 @@ def _sub_operations(event: Any, op: str, peer: str, items: list[StoredInstance],
     for n, item in enumerate(items):
         if event.is_cancelled:
             log.info("%s for %s cancelled after %d of %d sub-operation(s)", op, peer, n, len(items))
-            yield STATUS_CANCEL, None
+            yield CANCEL, None
             return
-        yield STATUS_PENDING, item
+        yield PENDING, item
     _summary(op, peer, tally, len(items))
 
 

@@ -31,10 +31,6 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from node.dimse.query_scp import (
-    STATUS_CANCEL,
-    STATUS_IDENTIFIER_MISMATCH,
-    STATUS_PENDING,
-    STATUS_SUCCESS,
     QueryError,
     _compute,
     _match_from,
@@ -43,6 +39,7 @@ from node.dimse.query_scp import (
     parse_identifier,
     response,
 )
+from node.dimse.status import CANCEL, IDENTIFIER_DOES_NOT_MATCH, PENDING, SUCCESS
 from node.pipeline.selection import Candidate, SeriesFacts, select
 from node.storage import index
 
@@ -130,7 +127,7 @@ def handle_selection_find(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset,
         model = information_model(str(event.request.AffectedSOPClassUID))
         query = parse_identifier(event.identifier, model)
         if query.level != "SERIES":
-            raise QueryError(STATUS_IDENTIFIER_MISMATCH, "selection queries are SERIES level")
+            raise QueryError(IDENTIFIER_DOES_NOT_MATCH, "selection queries are SERIES level")
     except QueryError as exc:
         log.warning("selection C-FIND from %s refused (0x%04X): %s", peer, exc.status, exc.comment)
         yield exc.status_dataset(), None
@@ -150,7 +147,7 @@ def handle_selection_find(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset,
              "\n".join(s.explain() for s in selections))
     for rank, cand in enumerate(ranked, 1):
         if event.is_cancelled:
-            yield STATUS_CANCEL, None
+            yield CANCEL, None
             return
         record = ctx.app.registry.get(cand.uid)
         series = index.Series.get_or_none(index.Series.series_uid == record.series_uid) if record else None
@@ -164,5 +161,5 @@ def handle_selection_find(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset,
         if "ImageComments" in ds:
             reasons = "; ".join(f"{p.rule} {p.points:+g}" for p in cand.components)
             ds.ImageComments = f"rank {rank}, score {cand.score:g}: {reasons}"[:10240]
-        yield STATUS_PENDING, ds
-    yield STATUS_SUCCESS, None
+        yield PENDING, ds
+    yield SUCCESS, None

@@ -10,16 +10,14 @@ Services (see docs/dimse.md for the conformance statement):
 * Storage SCP (C-STORE, :mod:`node.dimse.store_scp`) for every storage SOP class pynetdicom knows, in the
   uncompressed and the common compressed transfer syntaxes; the same contexts accept the SCP role
   so that C-GET sub-operations can come back over them.
-* Query/Retrieve SCP, Patient and Study Root FIND/MOVE/GET (:mod:`node.dimse.query_scp`,
-  :mod:`node.dimse.retrieve_scp`). These modules may not exist yet in a given checkout: the contexts are
-  then not offered and the node runs without them.
+* Query/Retrieve SCP, Patient and Study Root FIND/MOVE/GET (:mod:`node.dimse.find_scp`,
+  :mod:`node.dimse.retrieve_scp`).
 """
 
 from __future__ import annotations
 
 import copy
 import faulthandler
-import importlib
 import logging
 import signal
 import threading
@@ -29,7 +27,6 @@ from types import FrameType
 from typing import Any
 
 from pydicom import config as pydicom_config
-from pydicom import uid as pdu
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import (
@@ -45,7 +42,7 @@ from pynetdicom.sop_class import (
 from node.app import App, open_app
 from node.config import Config, ConfigError
 from node.context import NodeContext
-from node.dimse import compat
+from node.dimse import compat, find_scp, retrieve_scp, syntaxes
 from node.dimse import store_scp as store_handler
 from node.dimse.association import assoc_id
 from node.dimse.compat import reactor
@@ -56,27 +53,9 @@ from node.storage.db import _redact
 log = logging.getLogger("modelnode.server")
 
 # Transfer syntaxes accepted for storage. When a context proposes several, the requestor's
-# order decides (_prefer_requestor_syntaxes), so this list only says what is acceptable.
-STORAGE_TRANSFER_SYNTAXES: list[str] = [
-    pdu.ExplicitVRLittleEndian,
-    pdu.ImplicitVRLittleEndian,
-    pdu.DeflatedExplicitVRLittleEndian,
-    pdu.ExplicitVRBigEndian,
-    pdu.JPEGBaseline8Bit,
-    pdu.JPEGExtended12Bit,
-    pdu.JPEGLossless,
-    pdu.JPEGLosslessSV1,
-    pdu.JPEGLSLossless,
-    pdu.JPEGLSNearLossless,
-    pdu.JPEG2000Lossless,
-    pdu.JPEG2000,
-    pdu.HTJ2KLossless,
-    pdu.HTJ2KLosslessRPCL,
-    pdu.HTJ2K,
-    pdu.RLELossless,
-]
-
-QUERY_TRANSFER_SYNTAXES: list[str] = [pdu.ExplicitVRLittleEndian, pdu.ImplicitVRLittleEndian]
+# order decides (compat.contexts.prefer_requestor_syntaxes), so the list only says what is acceptable.
+STORAGE_TRANSFER_SYNTAXES = syntaxes.STORAGE
+QUERY_TRANSFER_SYNTAXES = syntaxes.QUERY
 
 FIND_CLASSES = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
 MOVE_CLASSES = (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove)
@@ -124,18 +103,6 @@ def _tune_pynetdicom() -> None:
 def storage_sop_classes() -> list[str]:
     """Every storage SOP class the node accepts (pynetdicom's full list)."""
     return sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts})
-
-
-def _optional_handler(module: str, name: str) -> Callable[..., Any] | None:
-    """``module.name`` if that module exists (the Q/R handlers land separately)."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        log.warning("%s is not available: %s is not offered", module, name)
-        return None
-    return getattr(mod, name)
 
 
 def _peer_desc(assoc: Any) -> str:
@@ -204,13 +171,8 @@ class Node:
             # scu_role/scp_role: accept what a C-GET requestor proposes for the sub-operations.
             ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
 
-        self._find = _optional_handler("node.dimse.query_scp", "handle_find")
-        self._move = _optional_handler("node.dimse.retrieve_scp", "handle_move")
-        self._get = _optional_handler("node.dimse.retrieve_scp", "handle_get")
-        for classes, handler in ((FIND_CLASSES, self._find), (MOVE_CLASSES, self._move), (GET_CLASSES, self._get)):
-            if handler is not None:
-                for sop_class in classes:
-                    ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
+        for sop_class in (*FIND_CLASSES, *MOVE_CLASSES, *GET_CLASSES):
+            ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
         return ae
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any], list[Any]]]:
@@ -223,13 +185,10 @@ class Node:
             (evt.EVT_RELEASED, self._on_released, []),
             (evt.EVT_C_ECHO, self._on_echo, []),
             (evt.EVT_C_STORE, store_handler.handle_store, [ctx]),
+            (evt.EVT_C_FIND, find_scp.handle_find, [ctx]),
+            (evt.EVT_C_MOVE, retrieve_scp.handle_move, [ctx]),
+            (evt.EVT_C_GET, retrieve_scp.handle_get, [ctx]),
         ]
-        if self._find is not None:
-            bound.append((evt.EVT_C_FIND, self._find, [ctx]))
-        if self._move is not None:
-            bound.append((evt.EVT_C_MOVE, self._move, [ctx]))
-        if self._get is not None:
-            bound.append((evt.EVT_C_GET, self._get, [ctx]))
         return bound
 
     # ------------------------------------------------------------------ association events

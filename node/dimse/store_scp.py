@@ -33,7 +33,6 @@ import hashlib
 import io
 import logging
 import os
-import re
 import struct
 import sys
 import tempfile
@@ -53,13 +52,29 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
 from pydicom.tag import Tag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, RawDataStorage
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import dimse_messages
 
 from iods import model_object
-from iods.uids import derived_uid
+from iods.uids import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    RAW_DATA_STORAGE,
+    valid_uid,
+)
 from node.context import NodeContext
 from node.dimse.association import assoc_id, state_of
+from node.dimse.status import (
+    CANNOT_UNDERSTAND,
+    DUPLICATE_SOP_INSTANCE,
+    IDENTIFIER_DOES_NOT_MATCH,
+    INVALID_SOP_INSTANCE,
+    MODEL_REFUSED,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+)
 from node.storage import index
 from node.storage.db import database_proxy, write_transaction
 from node.storage.objects import ObjectStore, StoredObject, fsync_dir
@@ -67,32 +82,19 @@ from node.storage.objects import ObjectStore, StoredObject, fsync_dir
 log = logging.getLogger("modelnode.store")
 
 # --- statuses (PS3.4 B.2.3 for the Storage Service Class, PS3.7 C for the general ones)
-SUCCESS = 0x0000
-DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.4.7: this UID is already stored with other content
-INVALID_SOP_INSTANCE = 0x0117  # PS3.7 C.4.11: the SOP Instance UID is not a UID
-SOP_CLASS_NOT_SUPPORTED = 0x0122  # request names a class other than the context's
-OUT_OF_RESOURCES = 0xA700  # disk full or I/O error: nothing stored, the sender may retry
-DATASET_DOES_NOT_MATCH = 0xA900  # dataset's SOP Class/Instance differ from the request
-MODEL_REFUSED = 0xC100  # "cannot understand": a model object that fails verification
-CANNOT_UNDERSTAND = 0xC210  # the dataset does not parse
-PROCESSING_FAILURE = 0xC211  # anything unexpected on our side (also pynetdicom's own code)
 
 # PS3.5 UI: digits and dots, no empty component, at most 64 characters. Leading zeros inside a
 # component are non-conformant but common in the field; they are accepted.
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # Values above this stay on disk while indexing (pixel data, a model's payload).
 _DEFER = 4096
 _HEAD = 64 << 10  # bytes read in one go for the header (a CT header is about 2 KiB)
 _CHUNK = 1 << 20
-RAW_DATA_STORAGE = model_object.RAW_DATA_STORAGE
 # SQLite's WAL reaches about this size before its first checkpoint (1000 pages of 4 KiB).
 WAL_PREALLOCATE = 4 << 20
 # A deflated dataset is inflated in memory to be parsed: this much at most.
 MAX_INFLATED = 512 << 20
 
 # File Meta of the files we receive: our implementation, not pynetdicom's.
-IMPLEMENTATION_UID = str(derived_uid("modelnode", "implementation-class"))
-IMPLEMENTATION_VERSION = "MODELNODE_01"
 
 # The work beside each C-STORE's own thread: headers parsed while the data arrives, files
 # fsynced and parsed while the handler checks and indexes, directories fsynced while it
@@ -103,8 +105,6 @@ _WORKERS_PER_ASSOCIATION = 3
 _sync_pool = ThreadPoolExecutor(max_workers=2 * _WORKERS_PER_ASSOCIATION, thread_name_prefix="store")
 
 
-def valid_uid(value: str) -> bool:
-    return 0 < len(value) <= 64 and _UID_RE.match(value) is not None
 
 
 class StoreRefused(Exception):
@@ -317,13 +317,13 @@ def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax:
 
     pydicom's writer takes about 0.4 ms per file, on the receive thread, for seven elements.
     """
-    version = IMPLEMENTATION_VERSION.encode("ascii")
+    version = IMPLEMENTATION_VERSION_NAME.encode("ascii")
     body = b"".join((
         struct.pack("<HH2sHI", 2, 0x0001, b"OB", 0, 2) + b"\x00\x01",
         _element(0x0002, b"UI", _ui(sop_class_uid)),
         _element(0x0003, b"UI", _ui(sop_instance_uid)),
         _element(0x0010, b"UI", _ui(transfer_syntax)),
-        _element(0x0012, b"UI", _ui(IMPLEMENTATION_UID)),
+        _element(0x0012, b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
         _element(0x0013, b"SH", version + b" " * (len(version) % 2)),
     ))
     return _element(0x0000, b"UL", struct.pack("<I", len(body))) + body
@@ -478,13 +478,13 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
         ds_class = index.text(ds, "SOPClassUID")
         ds_uid = index.text(ds, "SOPInstanceUID")
         if ds_class != rq_class:
-            raise StoreRefused(DATASET_DOES_NOT_MATCH, f"dataset SOP Class {ds_class or '(none)'} != request's")
+            raise StoreRefused(IDENTIFIER_DOES_NOT_MATCH, f"dataset SOP Class {ds_class or '(none)'} != request's")
         if ds_uid != rq_uid:
-            raise StoreRefused(DATASET_DOES_NOT_MATCH, f"dataset SOP Instance UID {ds_uid[:20] or '(none)'} != request's")
+            raise StoreRefused(IDENTIFIER_DOES_NOT_MATCH, f"dataset SOP Instance UID {ds_uid[:20] or '(none)'} != request's")
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
             value = index.text(ds, keyword)
             if not valid_uid(value):
-                raise StoreRefused(DATASET_DOES_NOT_MATCH, f"{keyword} {value[:24]!r} is missing or not a UID")
+                raise StoreRefused(IDENTIFIER_DOES_NOT_MATCH, f"{keyword} {value[:24]!r} is missing or not a UID")
 
         # 3. A model object is verified completely before anything is committed.
         is_model = _is_model(ds)
@@ -533,7 +533,7 @@ def _entry(ds: Dataset) -> index.IndexEntry | None:
 
 def _is_model(ds: Dataset) -> bool:
     # The SOP Class read raw first: nearly nothing is Raw Data, and pydicom's look-up costs more.
-    return index.text(ds, "SOPClassUID") == RawDataStorage and model_object.is_model_object(ds)
+    return index.text(ds, "SOPClassUID") == RAW_DATA_STORAGE and model_object.is_model_object(ds)
 
 
 def _parse_and_close(fh: BinaryIO, size: int, transfer_syntax: str,

@@ -31,6 +31,7 @@ from iods.anatomy import AnatomyNormaliser
 from iods.card import ModelCard
 from models.image_check import image_anatomy
 from node.context import NodeContext
+from node.dimse.status import is_stored as status_is_stored
 from node.ops import audit as audit_events
 from node.ops import logsetup, metrics
 from node.pipeline import jobs, outbox
@@ -412,7 +413,7 @@ class Pipeline:
             else:
                 error = f"peer answered status 0x{status:04X}" if status is not None else ""
             with self.ctx.write_lock:
-                if status is not None and (status == 0 or 0xB000 <= status <= 0xB007):
+                if status is not None and status_is_stored(status):
                     outbox.mark_sent(item.id)
                     sent += 1
                     metrics.EXPORT_SECONDS.observe(time.perf_counter() - t_send)

@@ -50,7 +50,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -74,7 +73,11 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from node.dimse.query_scp import UNIQUE_KEYS
+from iods.uids import RAW_DATA_STORAGE, valid_uid
+from node.dimse import syntaxes
+from node.dimse.levels import UNIQUE_KEYS
+from node.dimse.status import SUCCESS as STATUS_SUCCESS
+from node.dimse.status import category as status_category
 
 log = logging.getLogger("modelnode.scu")
 
@@ -82,34 +85,17 @@ log = logging.getLogger("modelnode.scu")
 # pass a path, which in this code base are all made by send_file.
 _config.STORE_SEND_CHUNKED_DATASET = True
 
-RAW_DATA_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66")
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+UNCOMPRESSED = syntaxes.UNCOMPRESSED
 # What a C-GET requestor or a C-MOVE receiver accepts, one presentation context each, so the
 # sender can keep a compressed file compressed.
-RECEIVE_TRANSFER_SYNTAXES: list[str] = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    pydicom.uid.JPEGBaseline8Bit,
-    pydicom.uid.JPEGExtended12Bit,
-    pydicom.uid.JPEGLossless,
-    pydicom.uid.JPEGLosslessSV1,
-    pydicom.uid.JPEGLSLossless,
-    pydicom.uid.JPEGLSNearLossless,
-    pydicom.uid.JPEG2000Lossless,
-    pydicom.uid.JPEG2000,
-    pydicom.uid.RLELossless,
-]
+RECEIVE_TRANSFER_SYNTAXES = syntaxes.STORAGE
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
 
-STATUS_SUCCESS = 0x0000
 # How long the associations of the C-MOVE receiver (fetch's receive_port) get to end by themselves
 # once the C-MOVE is over, before they are cut (see _stop_receiver). A peer releases its
 # sub-association before it sends the final C-MOVE response, so this is only spent on one that is
 # stuck (in a TLS handshake, or waiting for an A-ASSOCIATE-RQ that never comes).
 RECEIVER_CLOSE_GRACE = 2.0
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 T = TypeVar("T")
 
@@ -401,19 +387,6 @@ def _status_of(status: Dataset | None, peer: Address, what: str) -> int:
     if status is None or "Status" not in status:
         raise PeerError(f"{what}: no response from {peer} (association aborted or timed out)", transient=True)
     return int(status.Status)
-
-
-def status_category(status: int) -> str:
-    """success, warning, pending, cancel or failure: how a DIMSE status reads (PS3.7 C)."""
-    if status == 0x0000:
-        return "success"
-    if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
-        return "warning"
-    if status in (0xFF00, 0xFF01):
-        return "pending"
-    if status == 0xFE00:
-        return "cancel"
-    return "failure"
 
 
 # --------------------------------------------------------------------------- C-ECHO
@@ -744,7 +717,7 @@ class FetchResult:
 def safe_name(sop_instance: str) -> str:
     """A file name for a received instance: its UID when it is a well-formed UID, never a path."""
     uid = (sop_instance or "").strip()
-    if _UID_RE.match(uid) and len(uid) <= 64:
+    if valid_uid(uid):
         return f"{uid}.dcm"
     return f"instance-{hashlib.sha256(uid.encode('utf-8', 'replace')).hexdigest()[:32]}.dcm"
 

@@ -25,7 +25,7 @@ and C-GET needs storage contexts to deliver), so C-STORE is checked in the handl
 
 :class:`Security` is the one object node.dimse.server needs: ``security.wrap(handlers)`` returns the
 handler list with the checks, the audit events, the metrics and the disk guard woven in, and
-``security.on_user_id`` answers EVT_USER_ID. See docs/operations.md and the INTEGRATION notes.
+``security.on_user_id`` answers EVT_USER_ID. See docs/operations.md.
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom import sop_class as _sc
 
+from iods.uids import RAW_DATA_STORAGE
 from node.config import PERMISSIONS, Config
 from node.dimse.association import assoc_id, state_of
+from node.dimse.status import NOT_AUTHORIZED, OUT_OF_RESOURCES, is_stored
 from node.ops import audit as audit_events
 from node.ops import metrics
 from node.ops.audit import AuditLog, association_fields
@@ -58,9 +60,6 @@ log = logging.getLogger("modelnode.security")
 ACTIONS = ("echo", "store-images", "store-models", "query", "retrieve")
 assert set(ACTIONS) == PERMISSIONS
 
-NOT_AUTHORIZED = 0x0124  # PS3.7 C.5: Refused: Not Authorized
-OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused: Out of Resources
-RAW_DATA_STORAGE = "1.2.840.10008.5.1.4.1.1.66"
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognized
@@ -383,7 +382,7 @@ class Security:
             result = handler(event, *args)
             code = _status_code(result)
             metrics.STORE_SECONDS.observe(time.perf_counter() - t0)
-            if code == 0 or code >> 12 == 0xB:  # success or warning: the instance is stored
+            if is_stored(code):
                 self._stored(assoc, sop_class, sop_uid, size)
             else:
                 metrics.STORE_REFUSED.labels(metrics.refusal_reason(code)).inc()

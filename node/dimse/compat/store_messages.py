@@ -34,13 +34,13 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom.uid import RawDataStorage
 from pynetdicom import _config, dimse_messages, evt
 from pynetdicom._handlers import standard_dimse_recv_handler, standard_dimse_sent_handler
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from iods.uids import RAW_DATA_STORAGE
 from node.dimse.compat import reactor
 
 log = logging.getLogger("modelnode.store")
@@ -230,7 +230,7 @@ def _serve_here(dimse: DIMSEServiceProvider, request: C_STORE) -> bool:
     """
     assoc = dimse.assoc
     return (assoc.is_acceptor and assoc.is_established and not assoc._is_paused and not dimse.msg_queue.qsize()
-            and request.AffectedSOPClassUID != RawDataStorage)
+            and request.AffectedSOPClassUID != RAW_DATA_STORAGE)
 
 
 def _serve(dimse: DIMSEServiceProvider, request: C_STORE, context_id: int) -> None:
