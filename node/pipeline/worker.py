@@ -362,16 +362,7 @@ class Pipeline:
         return None
 
     def _store_result(self, ds: Dataset) -> str:
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        stored = self.ctx.app.store.put_bytes(buf.getvalue())
-        ts = str(ds.file_meta.TransferSyntaxUID)
-        with self.ctx.write_lock, write_transaction(self.ctx.app.db):
-            _, previous = index.index_instance(ds, digest=stored.digest, size=stored.size, transfer_syntax=ts,
-                                               calling_ae=self.ctx.config.node.ae_title)
-        if previous is not None and previous.digest != stored.digest and not index.digest_in_use(previous.digest):
-            self.ctx.app.store.remove(previous.digest)
-        return str(ds.SOPInstanceUID)
+        return store_result(self.ctx, ds)
 
     # ------------------------------------------------------------------ export
 
@@ -440,3 +431,30 @@ class Pipeline:
         if result.status is None:
             raise RuntimeError(result.error or "no status")
         return result.status
+
+
+def store_result(ctx: NodeContext, ds: Dataset) -> str:
+    """Store and index a result object; returns its SOP Instance UID.
+
+    Everything that decides about object files runs under the node's write lock, as the Storage
+    SCP's does (node.dimse.store_scp): the file of the result this one replaces is removed only
+    if no row references it once the new row is committed, and a file written before the lock
+    is put back if a concurrent removal took the same bytes meanwhile. Outside the lock, a
+    C-STORE of bytes identical to the replaced result could be indexed between the check and
+    the removal, and its row would point at a file that no longer exists.
+    """
+    data = io.BytesIO()
+    ds.save_as(data, enforce_file_format=True)
+    raw = data.getvalue()
+    store = ctx.app.store
+    stored = store.put_bytes(raw)
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    with ctx.write_lock:
+        if not store.exists(stored.digest):
+            stored = store.put_bytes(raw)  # removed meanwhile as the unreferenced twin of ours
+        with write_transaction(ctx.app.db):
+            _, previous = index.index_instance(ds, digest=stored.digest, size=stored.size, transfer_syntax=ts,
+                                               calling_ae=ctx.config.node.ae_title)
+        if previous is not None and previous.digest != stored.digest and not index.digest_in_use(previous.digest):
+            store.remove(previous.digest)
+    return str(ds.SOPInstanceUID)
