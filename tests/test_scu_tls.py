@@ -30,6 +30,7 @@ from pydicom.data import get_testdata_file
 from pynetdicom.dsutils import split_dataset
 
 from node.config import parse_config
+from node.dimse.compat import client as compat_client
 from node.pipeline import outbox
 from node.scu import client as scu
 from node.security import tls
@@ -260,7 +261,7 @@ def test_move_receiver_stops_promptly_with_connections_stuck_in_tls(tmp_path, pk
         assert len(server.active_associations) == len(peers)
         time.sleep(0.5)  # let each reach its blocking read
         t0 = time.monotonic()
-        scu._stop_receiver(server, grace=0.5)
+        compat_client.stop_server(server, grace=0.5)
         assert time.monotonic() - t0 < 15
         left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
         assert not left, left

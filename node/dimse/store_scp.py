@@ -53,7 +53,6 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pynetdicom import dimse_messages
 
 from iods import model_object
 from iods.uids import (
@@ -64,6 +63,7 @@ from iods.uids import (
 )
 from node.context import NodeContext
 from node.dimse.association import assoc_id, state_of
+from node.dimse.compat import receive
 from node.dimse.status import (
     CANNOT_UNDERSTAND,
     DUPLICATE_SOP_INSTANCE,
@@ -345,8 +345,8 @@ def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True
 def prepare(ctx: NodeContext) -> None:
     """Route pynetdicom's receive files into this node's store; remove leftovers of a crash.
 
-    Three names in ``pynetdicom.dimse_messages`` are replaced (pynetdicom 3.0): the temporary
-    file factory (:class:`ReceiveFile`) and the two File Meta helpers (:func:`encode_file_meta`).
+    pynetdicom's chunked receive writes into :class:`ReceiveFile` with the File Meta of
+    :func:`encode_file_meta` (routed by :func:`node.dimse.compat.receive.route_receive_files`).
     """
     global _sync_pool
     store = ctx.app.store
@@ -358,9 +358,7 @@ def prepare(ctx: NodeContext) -> None:
     _make_fanout(store)
     ReceiveFile.directory = store.tmp
     ReceiveFile.writeback = store.fsync
-    dimse_messages.NamedTemporaryFile = ReceiveFile  # type: ignore[attr-defined]
-    dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
-    dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
+    receive.route_receive_files(ReceiveFile, _create_file_meta, _write_file_meta_info)
     store.clean_partial()
 
 
@@ -421,7 +419,7 @@ def handle_store(event: Any, ctx: NodeContext) -> int | Dataset:
     calling = (assoc.requestor.ae_title or "").strip()
     req = event.request
     sop_uid = str(req.AffectedSOPInstanceUID or "")
-    received: ReceiveFile | None = getattr(req, "_dataset_file", None)
+    _, received = receive.received_file(req)
     src = Path(event.dataset_path)
     try:
         stored, is_model = _store(event, ctx, src, received, calling)

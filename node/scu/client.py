@@ -34,7 +34,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import ssl
 import tempfile
 import threading
@@ -54,7 +53,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode_file_meta, split_dataset
 from pynetdicom.presentation import (
@@ -75,15 +74,13 @@ from pynetdicom.sop_class import (
 
 from iods.uids import RAW_DATA_STORAGE, valid_uid
 from node.dimse import syntaxes
+from node.dimse.compat import client
 from node.dimse.levels import UNIQUE_KEYS
 from node.dimse.status import SUCCESS as STATUS_SUCCESS
 from node.dimse.status import category as status_category
 
 log = logging.getLogger("modelnode.scu")
 
-# Send files as they are stored (see the module docstring). Only affects send_c_store calls that
-# pass a path, which in this code base are all made by send_file.
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 UNCOMPRESSED = syntaxes.UNCOMPRESSED
 # What a C-GET requestor or a C-MOVE receiver accepts, one presentation context each, so the
@@ -92,7 +89,7 @@ RECEIVE_TRANSFER_SYNTAXES = syntaxes.STORAGE
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
 
 # How long the associations of the C-MOVE receiver (fetch's receive_port) get to end by themselves
-# once the C-MOVE is over, before they are cut (see _stop_receiver). A peer releases its
+# once the C-MOVE is over, before they are cut (node.dimse.compat.client.stop_server). A peer releases its
 # sub-association before it sends the final C-MOVE response, so this is only spent on one that is
 # stuck (in a TLS handshake, or waiting for an A-ASSOCIATE-RQ that never comes).
 RECEIVER_CLOSE_GRACE = 2.0
@@ -470,6 +467,7 @@ def send_file(
     possible; returns the C-STORE response status dataset (empty if the association was lost).
     ``send`` is the original ``send_c_store`` when the association's own method is wrapped.
     """
+    client.install_client()
     send = send or assoc.send_c_store
     accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts
                 if cx.abstract_syntax == info.sop_class and cx.as_scu]
@@ -913,7 +911,7 @@ def fetch(
                               f"C-MOVE from {peer}")
     finally:
         if server is not None:
-            _stop_receiver(server)
+            client.stop_server(server, RECEIVER_CLOSE_GRACE)
     result.files = list(receiver.files)
     return result
 
@@ -978,7 +976,7 @@ def _move_once(peer: Address, identifier: Dataset, model: str, move_to: str, opt
 
 def _start_receiver(ae_title: str, address: tuple[str, int], receiver: _Receiver, options: Options,
                     ssl_context: ssl.SSLContext | None = None) -> Any:
-    """The storage SCP for a C-MOVE to ``ae_title``; stop it with :func:`_stop_receiver`.
+    """The storage SCP for a C-MOVE to ``ae_title``; stop it with :func:`node.dimse.compat.client.stop_server`.
 
     ``ssl_context``: a server context from node.security.tls, which leaves the handshake of an accepted
     connection to the association's thread, under a socket timeout.
@@ -992,55 +990,4 @@ def _start_receiver(ae_title: str, address: tuple[str, int], receiver: _Receiver
     for sop in dict.fromkeys(classes):
         ae.add_supported_context(sop, RECEIVE_TRANSFER_SYNTAXES if sop != RAW_DATA_STORAGE else [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     return ae.start_server(address, block=False, ssl_context=ssl_context,
-                           evt_handlers=[(evt.EVT_C_STORE, receiver.handle_store), (evt.EVT_CONN_OPEN, _daemon_dul)])
-
-
-def _daemon_dul(event: Any) -> None:
-    """EVT_CONN_OPEN of a receiver association: its DUL thread (not started yet) becomes a daemon.
-
-    pynetdicom makes the DUL reader a non-daemon thread, so one blocked in a read kept the
-    process alive after ``modelnode fetch --listen`` had printed its result. _stop_receiver ends
-    every association anyway; this is the backstop for one it could not end in time.
-    """
-    event.assoc.dul.daemon = True
-
-
-def _stop_receiver(server: Any, grace: float = RECEIVER_CLOSE_GRACE) -> None:
-    """Stop the C-MOVE receiver and end its associations, promptly.
-
-    ``AssociationServer.shutdown()`` only stops accepting connections: an association already
-    accepted lives on. One whose peer stopped talking sits in a blocking read (in the TLS
-    handshake, or waiting for the A-ASSOCIATE-RQ) until the socket timeout, and pynetdicom's own
-    abort waits for that read to return. So the associations get ``grace`` seconds to end by
-    themselves; those still open are aborted and their sockets shut down, which wakes the read.
-    """
-    server.shutdown()  # no new connections; also joins the threads that handed them over
-    assocs = server.active_associations
-    deadline = time.monotonic() + grace
-    for assoc in assocs:
-        assoc.join(max(0.0, deadline - time.monotonic()))
-    left = [a for a in assocs if a.is_alive() or a.dul.is_alive()]
-    if not left:
-        return
-    log.warning("C-MOVE receiver %s: closing %d association(s) still open", server.ae_title, len(left))
-    for assoc in left:
-        if assoc.is_established:
-            assoc.abort(block=False)  # an A-ABORT for the peer, if the DUL thread is free to send it
-    for assoc in left:
-        assoc.join(0.5)
-        sock = getattr(assoc.dul.socket, "socket", None)
-        if sock is not None and (assoc.is_alive() or assoc.dul.is_alive()):
-            try:
-                # The plain socket's shutdown: it makes a recv blocked in another thread return.
-                # (SSLSocket.shutdown would also drop the SSL object that thread is reading with.)
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed
-        if not assoc.is_established and assoc.requestor.primitive is None:
-            # Still waiting for the A-ASSOCIATE-RQ: that wait lasts the ACSE timeout even with the
-            # connection gone. None is what it returns on a timeout, and the thread then ends.
-            assoc.dul.to_user_queue.put(None)
-    for assoc in left:
-        assoc.join(5)
-        if assoc.dul.is_alive():
-            assoc.dul.join(5)
+                           evt_handlers=[(evt.EVT_C_STORE, receiver.handle_store), (evt.EVT_CONN_OPEN, client.daemon_dul)])

@@ -47,6 +47,7 @@ from pynetdicom import sop_class as _sc
 from iods.uids import RAW_DATA_STORAGE
 from node.config import PERMISSIONS, Config
 from node.dimse.association import assoc_id, state_of
+from node.dimse.compat import receive
 from node.dimse.status import NOT_AUTHORIZED, OUT_OF_RESOURCES, is_stored
 from node.ops import audit as audit_events
 from node.ops import metrics
@@ -218,18 +219,16 @@ def _refusal(status: int, comment: str) -> Dataset:
 
 
 def _dataset_file(event: Any) -> tuple[Path | None, int]:
-    req = event.request
-    received = getattr(req, "_dataset_file", None)
-    path = getattr(req, "_dataset_path", None)
-    if not isinstance(path, (str, Path)):
+    path, received = receive.received_file(event.request)
+    if path is None:
         return None, 0
     size = getattr(received, "size", None)
     if not isinstance(size, int):
         try:
-            size = Path(path).stat().st_size
+            size = path.stat().st_size
         except OSError:
             size = 0
-    return Path(path), size
+    return path, size
 
 
 def _is_model_file(path: Path) -> bool:
