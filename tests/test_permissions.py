@@ -18,9 +18,11 @@ from pynetdicom.sop_class import (
 )
 
 from node.config import parse_config
+from node.dimse.status import NOT_AUTHORIZED
 from node.ops.audit import AuditLog
 from node.security.diskguard import DiskGuard
-from node.security.guard import NOT_AUTHORIZED, Security, allowed, host_matches, permissions_for
+from node.security.guard import Security
+from node.security.policy import allowed, host_matches, permissions_for
 
 ALL = ["echo", "store-images", "store-models", "query", "retrieve"]
 

@@ -269,3 +269,19 @@ def session_info(assoc: Any) -> dict[str, str]:
             if key == "commonName":
                 info["client_cn"] = value
     return info
+
+
+def with_move_tls(cfg: Config, item: Any, destination: str) -> Any:
+    """The first yield of a C-MOVE handler (address, port), with TLS for ``destination``.
+
+    pynetdicom opens the C-MOVE sub-association from that yield; a ``[[peers]]`` entry with
+    ``tls = true`` gets the node's client context through the yield's keyword arguments.
+    """
+    if not isinstance(item, tuple) or len(item) < 2 or item[0] is None:
+        return item
+    args = tls_args(cfg, destination, str(item[0]))
+    if args is None:
+        return item
+    kwargs = dict(item[2]) if len(item) > 2 and item[2] else {}
+    kwargs.setdefault("tls_args", args)
+    return (item[0], item[1], kwargs)

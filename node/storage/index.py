@@ -422,3 +422,16 @@ def prune_series(series_id: int) -> None:
 
 def digest_in_use(digest: str) -> bool:
     return Instance.select().where(Instance.digest == digest).exists()
+
+
+def study_uids_of(sop_uids: list[str], limit: int = 50) -> list[str]:
+    """The studies the given instances belong to (at most ``limit``, sorted)."""
+    found: set[str] = set()
+    for i in range(0, len(sop_uids), 500):
+        chunk = sop_uids[i:i + 500]
+        rows = (Study.select(Study.study_uid).distinct()
+                .join(Series).join(Instance).where(Instance.sop_uid.in_(chunk)))
+        found.update(r.study_uid for r in rows)
+        if len(found) >= limit:
+            break
+    return sorted(found)[:limit]

@@ -248,3 +248,8 @@ def record_summary(record: ModelRecord) -> dict:
         "source": record.source,
         "card": json.loads(record.card_json),
     }
+
+
+def model_record(uid: str) -> ModelRecord | None:
+    """The registered model with this SOP Instance UID, if any."""
+    return ModelRecord.get_or_none(ModelRecord.uid == uid)
