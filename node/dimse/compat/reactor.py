@@ -126,15 +126,23 @@ class _IndicationQueue(_queue.Queue):  # type: ignore[type-arg]
                 wake.notify_all()
 
 
+# One wake-up pipe per DUL (association), kept here rather than on pynetdicom's object.
+_wake_pipes: weakref.WeakKeyDictionary[DULServiceProvider, tuple[int, int]] = weakref.WeakKeyDictionary()
+_wake_pipes_lock = threading.Lock()
+
+
 def _wake_pipe(dul: DULServiceProvider) -> tuple[int, int]:
-    pipe = getattr(dul, "_modelnode_wake", None)
+    pipe = _wake_pipes.get(dul)
     if pipe is None:
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        pipe = dul._modelnode_wake = (r, w)
-        # Closed with the DUL object (one pipe per association).
-        weakref.finalize(dul, _close_pipe, r, w)
+        with _wake_pipes_lock:
+            pipe = _wake_pipes.get(dul)
+            if pipe is None:
+                r, w = os.pipe()
+                os.set_blocking(r, False)
+                os.set_blocking(w, False)
+                pipe = _wake_pipes[dul] = (r, w)
+                # Closed with the DUL object (one pipe per association).
+                weakref.finalize(dul, _close_pipe, r, w)
     return pipe
 
 
