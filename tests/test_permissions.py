@@ -181,8 +181,8 @@ def test_models_and_images_are_told_apart(scp, tmp_path):
     def store(aet: str, path: Path | str) -> int | None:
         ae = AE(aet)
         ae.add_requested_context(RawDataStorage, "1.2.840.10008.1.2.1")
-        # The file's own syntax: once node.scu.client is imported (by earlier tests in the session),
-        # pynetdicom sends files as stored and does not convert them to the accepted syntax.
+        # The file's own syntax: once node.scu.send.send_file has run (in earlier tests of the
+        # session), pynetdicom sends files as stored and does not convert them to the accepted syntax.
         ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
         assoc = ae.associate("127.0.0.1", scp.port, ae_title="MODELNODE")
         try:

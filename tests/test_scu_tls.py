@@ -33,6 +33,7 @@ from node.config import parse_config
 from node.dimse.compat import client as compat_client
 from node.pipeline import outbox
 from node.scu import client as scu
+from node.scu.receiver import Receiver, start_receiver
 from node.security import tls
 
 pytestmark = pytest.mark.peers
@@ -244,7 +245,7 @@ def test_move_receiver_stops_promptly_with_connections_stuck_in_tls(tmp_path, pk
     ctx = tls.server_context_from(pki.server_cert, pki.server_key, pki.ca, io_timeout=120)
     options = scu.Options(acse_timeout=120, network_timeout=120)
     before = set(threading.enumerate())
-    server = scu._start_receiver("RECEIVER", ("127.0.0.1", 0), scu._Receiver(tmp_path), options, ctx)
+    server = start_receiver("RECEIVER", ("127.0.0.1", 0), Receiver(tmp_path), options, ctx)
     address = server.server_address[:2]
     peers = [
         socket.create_connection(address, timeout=10),  # connects, says nothing

@@ -4,14 +4,14 @@ The identifier is resolved with the C-FIND engine (:func:`node.dimse.query_scp.p
 retrieve mode: the level's unique key is required; then :func:`node.dimse.query_scp.instances_for`).
 
 How the bytes go out. pynetdicom wants the handler to yield a ``Dataset`` per sub-operation and
-re-encodes it, which is not byte-exact for every file (see :mod:`node.scu.client`). So the handler yields
+re-encodes it, which is not byte-exact for every file (see :mod:`node.scu.send`). So the handler yields
 a :class:`StoredInstance`, a small ``Dataset`` that only names the stored file, and the
 association that will carry the C-STOREs gets its ``send_c_store`` wrapped (per association
-object, nothing global): a ``StoredInstance`` goes through :func:`node.scu.client.send_file`, which
+object, nothing global): a ``StoredInstance`` goes through :func:`node.scu.send.send_file`, which
 streams the file in its stored transfer syntax when the peer accepted it, or converts a copy
 (decompressing when it must) when the peer accepted only other syntaxes. Model objects go out in
 Explicit VR Little Endian only. A sub-operation that cannot be made raises
-:class:`node.scu.client.SendRefused`, which pynetdicom counts as a failed sub-operation (its UID goes in
+:class:`node.scu.send.SendRefused`, which pynetdicom counts as a failed sub-operation (its UID goes in
 the Failed SOP Instance UID List), and a log line says why.
 
 * C-GET: the requestor's own association carries the C-STOREs (SCP role for the storage
@@ -49,7 +49,7 @@ from node.dimse.query_scp import (
 )
 from node.dimse.status import CANCEL, PENDING, UNABLE_TO_READ_INDEX
 from node.dimse.status import category as status_category
-from node.scu.client import (
+from node.scu.send import (
     FileInfo,
     SendRefused,
     file_info,

@@ -1,42 +1,32 @@
 """The node as a DICOM client: C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET towards one peer.
 
 Used by the ``modelnode echo/store/find/fetch`` commands and by the node itself (C-MOVE and
-C-GET sub-operations go through :func:`send_file`, the outbox exporter through :func:`store`).
+C-GET sub-operations go through :func:`node.scu.send.send_file`, the outbox exporter through
+:func:`store`).
 
 DICOM TLS: ``Options.tls`` (pynetdicom's ``tls_args``, an SSL context and the server name to
 verify; node.security.tls builds them) makes every association of an operation a TLS one. A failed
 handshake (certificate not trusted, wrong host name, the peer refusing our client certificate or
 wanting one, no TLS on that port) is a permanent :class:`PeerError` that says it was TLS and why:
 pynetdicom 3.0.4 only logs the SSL error and reports an aborted association, so
-:func:`associate` keeps the exception itself (see :class:`_TlsWatch`).
+:func:`associate` keeps the exception itself (see :class:`node.scu.tls_diagnosis.TlsWatch`).
 
 Retries: every operation runs under a :class:`RetryPolicy`. A *transient* failure (no TCP
 connection, association rejected with result "rejected-transient", association aborted or the
 connection lost mid-operation, no answer within the DIMSE timeout) is retried with exponential
 backoff; a *definite* answer (a failure status, a permanent rejection) is never retried.
 
-Byte-exact sending: pynetdicom's ``send_c_store`` re-encodes a ``Dataset`` it is given. pydicom
-writes back what it read for most files, but not all: it drops group-length elements, turns
-``UN`` into known VRs and so on, so a store-then-retrieve round trip would not always be
-byte-for-byte. With ``_config.STORE_SEND_CHUNKED_DATASET`` set, ``send_c_store`` given a *path*
-streams the file's dataset bytes as they are (after the File Meta), which needs a presentation
-context accepted in exactly the file's transfer syntax. :func:`send_file` does that when the
-peer accepted the stored syntax and otherwise converts (decompressing where pydicom can) into a
-temporary file in a syntax the peer accepted; model objects only ever go out in Explicit VR
-Little Endian.
+Files go out byte-exact when the peer accepted their transfer syntax, converted otherwise (see
+node.scu.send). A C-MOVE with ``receive_port`` and a C-GET write what comes back through
+node.scu.receiver.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import random
 import re
-import shutil
 import ssl
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,18 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import (
-    UID,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.dsutils import encode_file_meta, split_dataset
 from pynetdicom.presentation import (
     PresentationContext,
     StoragePresentationContexts,
@@ -72,27 +54,24 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from iods.uids import RAW_DATA_STORAGE, valid_uid
-from node.dimse import syntaxes
-from node.dimse.compat import client
+from iods.uids import RAW_DATA_STORAGE
 from node.dimse.levels import UNIQUE_KEYS
 from node.dimse.status import SUCCESS as STATUS_SUCCESS
 from node.dimse.status import category as status_category
+from node.scu.receiver import RECEIVE_TRANSFER_SYNTAXES, Receiver, start_receiver, stop_receiver
+from node.scu.send import (
+    MAX_CONTEXTS,
+    UNCOMPRESSED,
+    FileInfo,
+    SendRefused,
+    file_info,
+    send_file,
+    storage_contexts,
+)
+from node.scu.tls_diagnosis import TlsWatch, tls_failure
 
 log = logging.getLogger("modelnode.scu")
 
-
-UNCOMPRESSED = syntaxes.UNCOMPRESSED
-# What a C-GET requestor or a C-MOVE receiver accepts, one presentation context each, so the
-# sender can keep a compressed file compressed.
-RECEIVE_TRANSFER_SYNTAXES = syntaxes.STORAGE
-MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
-
-# How long the associations of the C-MOVE receiver (fetch's receive_port) get to end by themselves
-# once the C-MOVE is over, before they are cut (node.dimse.compat.client.stop_server). A peer releases its
-# sub-association before it sends the final C-MOVE response, so this is only spent on one that is
-# stuck (in a TLS handshake, or waiting for an A-ASSOCIATE-RQ that never comes).
-RECEIVER_CLOSE_GRACE = 2.0
 
 T = TypeVar("T")
 
@@ -137,11 +116,6 @@ class PeerError(Exception):
 
 class AssociationRejected(PeerError):
     """The peer answered the association request with A-ASSOCIATE-RJ (it is up, and said no)."""
-
-
-class SendRefused(ValueError):
-    """One C-STORE cannot be made on this association (no usable presentation context, or a
-    conversion the node cannot do). pynetdicom counts it as a failed sub-operation."""
 
 
 @dataclass(frozen=True)
@@ -212,112 +186,6 @@ _REJECT_REASONS = {
 }
 
 
-class _TlsWatch:
-    """Stands in for the SSL context in pynetdicom's ``tls_args`` for one association request and
-    keeps the first error of the TLS layer.
-
-    pynetdicom 3.0.4 catches a failed handshake in ``AssociationSocket.connect`` (and, with TLS
-    1.3, a client certificate the server refuses or misses arrives as an alert on the first read,
-    caught in the DUL reader): it logs, and the caller sees only an aborted association, which
-    reads as transient. The socket's own ``do_handshake``, ``recv`` and ``send`` are shadowed on
-    that one instance until the association is up (:meth:`detach`), so nothing is monkeypatched
-    globally and any ``ssl.SSLContext`` works.
-    """
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.context = context
-        self.error: OSError | None = None
-        self.handshake_done = False  # our side finished (with TLS 1.3 the server may still refuse)
-        self._sock: ssl.SSLSocket | None = None
-
-    def wrap_socket(self, sock: Any, server_side: bool = False, server_hostname: str | None = None,
-                    **kwargs: Any) -> ssl.SSLSocket:
-        ssl_sock = self.context.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname, **kwargs)
-        for name in ("do_handshake", "recv", "send"):
-            setattr(ssl_sock, name, self._watched(getattr(ssl_sock, name), name == "do_handshake"))
-        self._sock = ssl_sock
-        return ssl_sock
-
-    def _watched(self, method: Callable[..., T], handshake: bool) -> Callable[..., T]:
-        def call(*args: Any, **kwargs: Any) -> T:
-            try:
-                result = method(*args, **kwargs)
-            except OSError as exc:
-                # The first TLS-layer error wins over a plain socket error it caused (a broken
-                # pipe on the next send after the peer's alert).
-                if self.error is None or (isinstance(exc, ssl.SSLError) and not isinstance(self.error, ssl.SSLError)):
-                    self.error = exc
-                raise
-            if handshake:
-                self.handshake_done = True
-            return result
-        return call
-
-    def detach(self) -> None:
-        """Back to the socket's own methods (the association is established)."""
-        if self._sock is not None:
-            for name in ("do_handshake", "recv", "send"):
-                self._sock.__dict__.pop(name, None)
-            self._sock = None
-
-
-# What OpenSSL's reason codes mean for someone setting up a peer (the text that follows "why").
-_TLS_HINTS = {
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the peer requires a client certificate and none was presented",
-    "SSLV3_ALERT_HANDSHAKE_FAILURE": "the peer refused the handshake (it may require a client certificate, or "
-                                     "share no BCP 195 cipher suite)",
-    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust the CA of our client certificate",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer refused our client certificate",
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the peer refused our client certificate",
-    "TLSV1_ALERT_PROTOCOL_VERSION": "no common TLS version (TLS 1.2 or later is required)",
-    "UNSUPPORTED_PROTOCOL": "no common TLS version (TLS 1.2 or later is required)",
-    "NO_CIPHERS_AVAILABLE": "no common cipher suite (BCP 195 suites only)",
-    "WRONG_VERSION_NUMBER": "the peer does not speak TLS on this port",
-    "RECORD_LAYER_FAILURE": "the peer does not speak TLS on this port",
-    "PACKET_LENGTH_TOO_LONG": "the peer does not speak TLS on this port",
-}
-
-
-# OpenSSL's X509_V_ERR codes: no chain to a CA in use (2, 18, 19, 20, 21), the wrong name (62, 64).
-_UNTRUSTED = "the peer's certificate does not chain to the CA certificates in use"
-_VERIFY_HINTS = {2: _UNTRUSTED, 18: _UNTRUSTED, 19: _UNTRUSTED, 20: _UNTRUSTED, 21: _UNTRUSTED,
-                 62: "it must name the host called", 64: "it must name the host called"}
-
-
-def _tls_failure(peer: Address, exc: OSError, handshake_done: bool) -> PeerError:
-    """The PeerError for a TLS-layer failure: what OpenSSL said and, where known, what it means.
-
-    "Handshake" covers the TLS 1.3 case too where our side had finished (``handshake_done``) and
-    the server's verdict on our certificate came as an alert on the first read, or as a close
-    or reset that overtook the alert.
-    """
-    stage = "TLS handshake"
-    if handshake_done and isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)):
-        # Closed between the TLS handshake and any DICOM answer: a TLS 1.3 server refusing our
-        # client certificate (or missing one) does this; not worth retrying.
-        return PeerError(f"{stage} with {peer} failed: the peer closed the connection after the handshake (does "
-                         "it require a client certificate, or not trust ours?)", transient=False)
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        # e.g. "certificate verify failed: self-signed certificate in certificate chain"
-        why = f"certificate verify failed: {exc.verify_message or exc.reason}"
-        hint = _VERIFY_HINTS.get(exc.verify_code or 0)
-        return PeerError(f"{stage} with {peer} failed: {why}" + (f" ({hint})" if hint else ""), transient=False)
-    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or (
-            isinstance(exc, ssl.SSLError) and exc.reason == "UNEXPECTED_EOF_WHILE_READING"):
-        return PeerError(f"{stage} with {peer} failed: the peer closed the connection (does it speak TLS on this "
-                         "port? does it require a client certificate?)", transient=False)
-    if isinstance(exc, ssl.SSLError):
-        text = re.sub(r"^\[SSL(?:: [A-Z0-9_]+)?\] |\s*\(_ssl\.c:\d+\)$", "", exc.strerror or str(exc)) or str(exc)
-        hint = _TLS_HINTS.get(exc.reason or "")
-        return PeerError(f"{stage} with {peer} failed: {text}" + (f" ({hint})" if hint else ""), transient=False)
-    # A reset or a timeout mid-handshake: the network or a busy peer, worth another try (though
-    # a plain DICOM port resets a TLS hello too).
-    if isinstance(exc, ConnectionError):
-        return PeerError(f"{stage} with {peer} failed: {exc.strerror or exc} (does the peer speak TLS on this "
-                         "port?)", transient=True)
-    return PeerError(f"{stage} with {peer} failed: {exc.strerror or str(exc) or type(exc).__name__}", transient=True)
-
-
 def associate(
     ae: AE,
     peer: Address,
@@ -331,10 +199,10 @@ def associate(
 
     ``tls``: (SSL context, server name; None for the peer's host) for DICOM TLS.
     """
-    watch: _TlsWatch | None = None
-    tls_args: tuple[_TlsWatch, str] | None = None
+    watch: TlsWatch | None = None
+    tls_args: tuple[TlsWatch, str] | None = None
     if tls is not None:
-        watch = _TlsWatch(tls[0])
+        watch = TlsWatch(tls[0])
         tls_args = (watch, tls[1] or peer.host)
     # pynetdicom reports a refused TCP connection as an aborted association; EVT_CONN_OPEN (after
     # the TLS handshake, with TLS) tells the two apart.
@@ -350,7 +218,8 @@ def associate(
     if assoc.is_established:
         return assoc
     if watch is not None and watch.error is not None:
-        raise _tls_failure(peer, watch.error, watch.handshake_done) from watch.error
+        failure = tls_failure(str(peer), watch.error, watch.handshake_done)
+        raise PeerError(failure.message, transient=failure.transient) from watch.error
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
         result = getattr(prim, "result", None)
@@ -405,152 +274,7 @@ def echo(peer: Address, options: Options | None = None) -> int:
     return with_retries(attempt, options.retry, f"C-ECHO {peer}")
 
 
-# --------------------------------------------------------------------------- sending files
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    path: Path
-    sop_class: UID
-    sop_instance: UID
-    transfer_syntax: UID
-    has_meta: bool
-
-
-def file_info(path: str | Path) -> FileInfo:
-    """SOP class, instance and transfer syntax of a DICOM file, from its File Meta when it has one."""
-    path = Path(path)
-    try:
-        meta, _ = split_dataset(path)
-    except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{path}: not a DICOM file: {exc}") from exc
-    if all(k in meta for k in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")):
-        return FileInfo(path, UID(meta.MediaStorageSOPClassUID), UID(meta.MediaStorageSOPInstanceUID),
-                        UID(meta.TransferSyntaxUID), True)
-    # No File Meta (or an incomplete one): read the dataset itself to learn what it is.
-    try:
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-        sop_class, sop_uid = UID(ds.SOPClassUID), UID(ds.SOPInstanceUID)
-    except Exception as exc:  # noqa: BLE001 (pydicom raises many types for garbage)
-        raise ValueError(f"{path}: not a DICOM file: {exc}") from exc
-    implicit, little = ds.original_encoding
-    ts = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
-    return FileInfo(path, sop_class, sop_uid, ts, False)
-
-
-def outgoing_syntax(accepted: Iterable[str], stored: str, *, model: bool) -> UID | None:
-    """The transfer syntax to send a file in, given what the peer accepted for its SOP class."""
-    accepted = {UID(t) for t in accepted}
-    if model:
-        return ExplicitVRLittleEndian if ExplicitVRLittleEndian in accepted else None
-    if stored in accepted:
-        return UID(stored)
-    for ts in UNCOMPRESSED:
-        if ts in accepted:
-            return ts
-    return None
-
-
-def send_file(
-    assoc: Association,
-    info: FileInfo,
-    *,
-    model: bool = False,
-    tmp_dir: str | Path | None = None,
-    send: Callable[..., Dataset] | None = None,
-    **kwargs: Any,
-) -> Dataset:
-    """C-STORE one file over ``assoc``, byte-exact when the peer accepted its transfer syntax.
-
-    Otherwise the file is converted into a syntax the peer accepted (decompressed first if it
-    must be) in a temporary file under ``tmp_dir``. Raises :class:`SendRefused` when neither is
-    possible; returns the C-STORE response status dataset (empty if the association was lost).
-    ``send`` is the original ``send_c_store`` when the association's own method is wrapped.
-    """
-    client.install_client()
-    send = send or assoc.send_c_store
-    accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts
-                if cx.abstract_syntax == info.sop_class and cx.as_scu]
-    if not accepted:
-        raise SendRefused(f"{info.sop_instance}: the peer accepted no presentation context for {info.sop_class.name}")
-    target = outgoing_syntax(accepted, info.transfer_syntax, model=model)
-    if target is None:
-        if model:
-            raise SendRefused(f"{info.sop_instance}: model objects go out in Explicit VR Little Endian only and the "
-                              "peer did not accept it")
-        raise SendRefused(f"{info.sop_instance}: the peer accepts {info.sop_class.name} only in "
-                          f"{', '.join(UID(t).name for t in accepted)}, not {info.transfer_syntax.name}, and no "
-                          "uncompressed syntax to convert to")
-    if target == info.transfer_syntax and info.has_meta:
-        return send(info.path, **kwargs)
-    with _converted(info, target, tmp_dir) as path:
-        log.info("%s: sending in %s (stored in %s, not accepted by the peer)", info.sop_instance, target.name,
-                 info.transfer_syntax.name)
-        return send(path, **kwargs)
-
-
-@contextmanager
-def _converted(info: FileInfo, target: UID, tmp_dir: str | Path | None) -> Iterator[Path]:
-    """The file re-encoded in ``target`` (an uncompressed little-endian syntax), as a temporary file."""
-    stored = info.transfer_syntax
-    if stored == ExplicitVRBigEndian:
-        # pydicom converts element values but not the bytes of OW pixel data: refuse, don't corrupt.
-        raise SendRefused(f"{info.sop_instance}: stored in Explicit VR Big Endian, which the peer does not accept; "
-                          "the node does not byte-swap pixel data")
-    try:
-        ds = pydicom.dcmread(info.path, force=not info.has_meta)
-        if stored.is_compressed:
-            ds.decompress()
-    except Exception as exc:  # noqa: BLE001 (codec and plugin errors have no common base)
-        raise SendRefused(f"{info.sop_instance}: cannot convert from {stored.name} to {target.name}: {exc}") from exc
-    if not hasattr(ds, "file_meta") or ds.file_meta is None:
-        ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = info.sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = info.sop_instance
-    ds.file_meta.TransferSyntaxUID = target
-    fd, name = tempfile.mkstemp(suffix=".dcm.part", dir=tmp_dir)
-    os.close(fd)
-    try:
-        ds.save_as(name, enforce_file_format=True, implicit_vr=target.is_implicit_VR, little_endian=True)
-        del ds
-        yield Path(name)
-    finally:
-        Path(name).unlink(missing_ok=True)
-
-
-def storage_contexts(items: Iterable[tuple[str, str, bool]]) -> list[PresentationContext]:
-    """Presentation contexts to propose for sending files: (SOP class, stored syntax, is model).
-
-    One context per stored syntax (so compressed files can go as they are) plus, for images, one
-    uncompressed fallback per SOP class. Model objects: Explicit VR Little Endian only. Trimmed to
-    128, the most used classes first.
-    """
-    counts: dict[tuple[str, str, bool], int] = {}
-    for sop, ts, model in items:
-        key = (str(sop), str(ts) if not model else str(ExplicitVRLittleEndian), bool(model))
-        counts[key] = counts.get(key, 0) + 1
-    exact = sorted(counts, key=lambda k: (-counts[k], k))
-    contexts: list[PresentationContext] = []
-    seen: set[tuple[str, tuple[str, ...]]] = set()
-
-    def add(sop: str, syntaxes: list[str]) -> None:
-        key = (sop, tuple(syntaxes))
-        if key not in seen and len(contexts) < MAX_CONTEXTS:
-            seen.add(key)
-            contexts.append(build_context(sop, syntaxes))
-
-    for sop, ts, _model in exact:
-        add(sop, [ts])
-    for sop, ts, model in exact:
-        if not model and ts not in UNCOMPRESSED:
-            add(sop, list(UNCOMPRESSED))
-        elif not model:
-            add(sop, [t for t in UNCOMPRESSED if t != ts])
-    dropped = len(counts) - sum(1 for cx in contexts if len(cx.transfer_syntax) == 1)
-    if dropped > 0:
-        log.warning("%d SOP class/transfer syntax pair(s) left out: more than %d presentation contexts", dropped,
-                    MAX_CONTEXTS)
-    return contexts
+# --------------------------------------------------------------------------- C-STORE
 
 
 @dataclass
@@ -578,8 +302,8 @@ def store(
     """C-STORE ``files`` to ``peer``; one :class:`StoreResult` per file, in order.
 
     Files are sent as they are when the peer accepts their transfer syntax (see
-    :func:`send_file`). A transient failure retries the files not yet answered; a failure
-    status for one file is its result and is not retried.
+    :func:`node.scu.send.send_file`). A transient failure retries the files not yet answered; a
+    failure status for one file is its result and is not retried.
     """
     options = options or Options()
     results = [StoreResult(Path(f)) for f in files]
@@ -710,48 +434,6 @@ class FetchResult:
     @property
     def ok(self) -> bool:
         return self.status == STATUS_SUCCESS
-
-
-def safe_name(sop_instance: str) -> str:
-    """A file name for a received instance: its UID when it is a well-formed UID, never a path."""
-    uid = (sop_instance or "").strip()
-    if valid_uid(uid):
-        return f"{uid}.dcm"
-    return f"instance-{hashlib.sha256(uid.encode('utf-8', 'replace')).hexdigest()[:32]}.dcm"
-
-
-class _Receiver:
-    """Writes the instances a peer sends (C-GET sub-operations or a C-MOVE) into ``out_dir`` as received."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.files: list[Path] = []
-        self.lock = threading.Lock()
-
-    def handle_store(self, event: Any) -> int:
-        try:
-            name = safe_name(str(event.request.AffectedSOPInstanceUID))
-            fd, tmp = tempfile.mkstemp(suffix=".part", dir=self.out_dir)
-            with os.fdopen(fd, "wb") as fh:
-                raw = event.request.DataSet
-                if raw is None:
-                    # Chunked receive (pynetdicom's STORE_RECV_CHUNKED_DATASET, set when this runs
-                    # inside the node): the data set is already a Part-10 file on disk.
-                    with open(event.dataset_path, "rb") as src:
-                        shutil.copyfileobj(src, fh, 1 << 20)
-                else:
-                    # The data set bytes as received, behind a File Meta naming the context's syntax.
-                    fh.write(b"\x00" * 128 + b"DICM")
-                    fh.write(encode_file_meta(event.file_meta))
-                    fh.write(raw.getvalue())
-            path = self.out_dir / name
-            os.replace(tmp, path)
-        except Exception as exc:  # noqa: BLE001 (any failure becomes a C-STORE failure status)
-            log.error("cannot write a received instance: %s", exc)
-            return 0xA700
-        with self.lock:
-            self.files.append(path)
-        return STATUS_SUCCESS
 
 
 def _values(value: Any) -> list[str]:
@@ -898,20 +580,20 @@ def fetch(
     out = Path(out_dir) if out_dir else Path.cwd()
     if get or receive_port:
         out.mkdir(parents=True, exist_ok=True)
-    receiver = _Receiver(out)
+    receiver = Receiver(out)
     if get:
         return with_retries(lambda: _get_once(peer, identifier, model, sop_classes, receiver, options),
                             options.retry, f"C-GET from {peer}")
     assert move_to is not None
     server = None
     if receive_port:
-        server = _start_receiver(move_to, (receive_bind, receive_port), receiver, options, receive_tls)
+        server = start_receiver(move_to, (receive_bind, receive_port), receiver, options, receive_tls)
     try:
         result = with_retries(lambda: _move_once(peer, identifier, model, move_to, options), options.retry,
                               f"C-MOVE from {peer}")
     finally:
         if server is not None:
-            client.stop_server(server, RECEIVER_CLOSE_GRACE)
+            stop_receiver(server)
     result.files = list(receiver.files)
     return result
 
@@ -941,7 +623,7 @@ def _sop_classes(peer: Address, level: str, identifier: Dataset, found: Dataset 
     return []
 
 
-def _get_once(peer: Address, identifier: Dataset, model: str, sop_classes: list[str], receiver: _Receiver,
+def _get_once(peer: Address, identifier: Dataset, model: str, sop_classes: list[str], receiver: Receiver,
               options: Options) -> FetchResult:
     ae = _ae(options)
     contexts, roles = get_contexts(sop_classes, model)
@@ -972,22 +654,3 @@ def _move_once(peer: Address, identifier: Dataset, model: str, move_to: str, opt
                 continue
             return _finish(code, status, ident, peer, "C-MOVE")
     raise PeerError(f"C-MOVE: {peer} sent no final response", transient=True)
-
-
-def _start_receiver(ae_title: str, address: tuple[str, int], receiver: _Receiver, options: Options,
-                    ssl_context: ssl.SSLContext | None = None) -> Any:
-    """The storage SCP for a C-MOVE to ``ae_title``; stop it with :func:`node.dimse.compat.client.stop_server`.
-
-    ``ssl_context``: a server context from node.security.tls, which leaves the handshake of an accepted
-    connection to the association's thread, under a socket timeout.
-    """
-    ae = AE(ae_title=ae_title)
-    ae.maximum_pdu_size = options.max_pdu
-    ae.acse_timeout = options.acse_timeout
-    ae.network_timeout = options.network_timeout
-    ae.dimse_timeout = options.dimse_timeout
-    classes = [str(RAW_DATA_STORAGE)] + [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
-    for sop in dict.fromkeys(classes):
-        ae.add_supported_context(sop, RECEIVE_TRANSFER_SYNTAXES if sop != RAW_DATA_STORAGE else [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    return ae.start_server(address, block=False, ssl_context=ssl_context,
-                           evt_handlers=[(evt.EVT_C_STORE, receiver.handle_store), (evt.EVT_CONN_OPEN, client.daemon_dul)])
