@@ -15,7 +15,7 @@ log = logging.getLogger("modelnode.scu")
 
 
 def install_client() -> None:
-    """Send files as they are stored (idempotent; node.scu.client.send_file calls it).
+    """Send files as they are stored (idempotent; node.scu.send.send_file calls it).
 
     With ``_config.STORE_SEND_CHUNKED_DATASET`` set, ``send_c_store`` given a *path* streams the
     file's dataset bytes after its File Meta instead of re-encoding a Dataset. It only affects
