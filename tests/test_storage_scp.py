@@ -99,7 +99,7 @@ def object_files(node: NodeProcess) -> set[Path]:
 
 
 def tmp_leftovers(node: NodeProcess) -> list[Path]:
-    """Files in tmp/ but the node's empty spare receive files (node.dimse.store_scp.SpareFiles)."""
+    """Files in tmp/ but the node's empty spare receive files (node.storage.receive.SpareFiles)."""
     return [p for p in (node.data_dir / "tmp").iterdir()
             if not (p.name.startswith("spare-") and p.stat().st_size == 0)]
 

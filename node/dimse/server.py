@@ -48,6 +48,8 @@ from node.dimse.association import assoc_id
 from node.dimse.compat import reactor
 from node.dimse.compat import store_messages as store_dimse
 from node.ops import systemd
+from node.pipeline import arrivals
+from node.storage import receive
 from node.storage.db import _redact
 
 log = logging.getLogger("modelnode.server")
@@ -220,7 +222,7 @@ class Node:
         log.info("[%s] association released by %s", assoc_id(event.assoc), _peer_desc(event.assoc))
 
     def _association_ended(self, assoc: Any) -> None:
-        groups = store_handler.association_ended(self.ctx, assoc)
+        groups = arrivals.association_ended(self.ctx, assoc)
         if self.pipeline is not None and groups:
             self.pipeline.association_ended(groups)
 
@@ -291,7 +293,7 @@ class Node:
         if self._metrics is not None:
             self._metrics.stop()
         self.security.close()
-        store_handler.spares.clear()
+        receive.spares.clear()
         self.app.close()
         log.info("stopped")
 
