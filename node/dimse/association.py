@@ -41,9 +41,9 @@ class AssociationState:
     user: str | None = None
     permissions: frozenset[str] | None = None
     reject_reason: str | None = None
-    # node.dimse.store_scp / node.security.guard: what it stored.
+    # node.ops.observer: what it stored, for the audit summary.
     received: Received = field(default_factory=Received)
-    # node.pipeline.worker.arrivals: the series (or study) keys it delivered instances to.
+    # node.pipeline.arrivals: the series (or study) keys it delivered instances to.
     groups: set[str] = field(default_factory=set)
     # node.dimse.retrieve_scp: pynetdicom's own send_c_store, before the node's wrapper.
     library_send_c_store: Callable[..., Any] | None = None

@@ -3,7 +3,7 @@
 With ``_config.STORE_RECV_CHUNKED_DATASET`` pynetdicom 3.0.4 streams each C-STORE dataset into a
 file from ``dimse_messages.NamedTemporaryFile``, preceded by a File Meta it builds with two
 helpers of the same module. :func:`route_receive_files` points those three names at the node's
-own (node.dimse.store_scp: receive files in the object store's ``tmp/``, hashed on their way to
+own (node.storage.receive: receive files in the object store's ``tmp/``, hashed on their way to
 disk, and a File Meta written in one go). The C_STORE primitive then carries the file in two
 private attributes, read here by :func:`received_file`.
 """

@@ -115,7 +115,7 @@ class StoreRequest:
 
     Stands in for pynetdicom's ``DIMSEMessage`` in ``DIMSEServiceProvider.message``; the file is
     the one pynetdicom's chunked receive would have used (``dimse_messages.NamedTemporaryFile``,
-    which node.dimse.store_scp points at its ReceiveFile), with the same preamble and File Meta.
+    which node.dimse.store_scp.prepare points at node.storage.receive.ReceiveFile), with the same preamble and File Meta.
     """
 
     def __init__(self, context_id: int, command: dict[str, Any], transfer_syntax: str) -> None:
@@ -142,7 +142,7 @@ class StoreRequest:
                 return None  # PS3.8 E.2: no other message may interleave with this one
             self.file.write(memoryview(data)[1:])
             if data[0] & 2:
-                self.file.flush()  # (a no-op for node.dimse.store_scp's unbuffered file; not for a tempfile)
+                self.file.flush()  # (a no-op for node.storage.receive's unbuffered file; not for a tempfile)
                 return True
         return False
 
