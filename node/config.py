@@ -93,6 +93,9 @@ class DatabaseSection:
 @dataclass
 class ModelsSection:
     max_payload_bytes: int = 1 << 30
+    # At start, register the reference models shipped in the package (models/reference/*.dcm)
+    # when the registry never held a model: none registered and none ever removed.
+    register_reference: bool = True
 
 
 @dataclass

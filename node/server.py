@@ -377,6 +377,11 @@ def serve(config: Config) -> int:
     if problems:
         raise ConfigError(problems, config.source)
     node = Node(config)
+    if config.models.register_reference:
+        from node.registry import register_reference_models
+
+        # Before the port opens: the first study a new node receives finds its models.
+        register_reference_models(node.app.registry)
     print(
         f"modelnode: serving {config.node.ae_title} on {config.node.bind}:{config.node.port} "
         f"data {config.data_dir} database {_redact(config.database_url)}",
