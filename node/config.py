@@ -83,6 +83,12 @@ class StorageSection:
     high_water_percent: float = 95.0
     low_water_percent: float = 90.0
     min_free_mb: int = 0
+    # Storage SOP classes beyond pynetdicom's 170. Retired: the standard's retired storage classes
+    # (pydicom knows them; e.g. Ultrasound Image Storage (Retired), 1.2.840.10008.5.1.4.1.1.6).
+    accept_retired_sop_classes: bool = True
+    # Unknown: any proposed abstract syntax that is no known service (a private SOP class, or a
+    # public one newer than pydicom), stored like any instance, as Orthanc's UnknownSopClassAccepted.
+    accept_unknown_sop_classes: bool = True
 
 
 @dataclass
