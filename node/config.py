@@ -83,6 +83,12 @@ class StorageSection:
     high_water_percent: float = 95.0
     low_water_percent: float = 90.0
     min_free_mb: int = 0
+    # Storage SOP classes beyond pynetdicom's 170. Retired: the standard's retired storage classes
+    # (pydicom knows them; e.g. Ultrasound Image Storage (Retired), 1.2.840.10008.5.1.4.1.1.6).
+    accept_retired_sop_classes: bool = True
+    # Unknown: any proposed abstract syntax that is no known service (a private SOP class, or a
+    # public one newer than pydicom), stored like any instance, as Orthanc's UnknownSopClassAccepted.
+    accept_unknown_sop_classes: bool = True
 
 
 @dataclass
@@ -93,6 +99,9 @@ class DatabaseSection:
 @dataclass
 class ModelsSection:
     max_payload_bytes: int = 1 << 30
+    # At start, register the reference models shipped in the package (models/reference/*.dcm)
+    # when the registry never held a model: none registered and none ever removed.
+    register_reference: bool = True
 
 
 @dataclass

@@ -376,10 +376,10 @@ def test_getscu_round_trip_is_byte_exact(env: Env, name: str, option: str) -> No
 
 @pytest.mark.timeout(30)
 def test_acceptor_can_prefer_the_requestors_transfer_syntax() -> None:
-    """node.dimse.retrieve_scp.prefer_requestor_syntaxes, in a real negotiation (what getscu +xv proposes)."""
+    """node.dimse.compat.contexts.prefer_requestor_syntaxes, in a real negotiation (what getscu +xv proposes)."""
     from pynetdicom import AE, evt
 
-    from node.dimse.retrieve_scp import prefer_requestor_syntaxes
+    from node.dimse.compat.contexts import prefer_requestor_syntaxes
 
     j2k = "1.2.840.10008.1.2.4.90"
     acceptor = AE("ACCEPTOR")

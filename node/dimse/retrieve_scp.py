@@ -188,34 +188,6 @@ def _sub_operations(event: Any, op: str, peer: str, items: list[StoredInstance],
     _summary(op, peer, tally, len(items))
 
 
-def prefer_requestor_syntaxes(assoc: Any) -> None:
-    """Make this association accept, per abstract syntax, the transfer syntax the requestor lists first.
-
-    pynetdicom's acceptor picks a context's transfer syntax by the order of the *acceptor's*
-    supported list (uncompressed first in node.dimse.server). dcmtk's getscu proposes one context per
-    storage class, its preferred syntax first (``+xv``: [JPEG 2000 Lossless, Explicit, ...]); taking
-    the acceptor's order then accepts Explicit VR, and every JPEG 2000 file must be decompressed for
-    the C-GET instead of going back byte for byte. Call from an EVT_REQUESTED handler, before
-    negotiation; what is acceptable does not change, only the preference.
-    """
-    from pynetdicom.presentation import PresentationContext
-
-    preferred: dict[str, list[str]] = {}
-    for rq in assoc.requestor.requested_contexts:
-        order = preferred.setdefault(str(rq.abstract_syntax), [])
-        order += [str(t) for t in rq.transfer_syntax if str(t) not in order]
-    contexts = []
-    for cx in assoc.acceptor.supported_contexts:
-        new = PresentationContext()
-        new.abstract_syntax = cx.abstract_syntax
-        new.scu_role, new.scp_role = cx.scu_role, cx.scp_role
-        ours = [str(t) for t in cx.transfer_syntax]
-        first = [t for t in preferred.get(str(cx.abstract_syntax), []) if t in ours]
-        new.transfer_syntax = first + [t for t in ours if t not in first]
-        contexts.append(new)
-    assoc.acceptor.supported_contexts = contexts
-
-
 def handle_move(event: Any, ctx: Any) -> Iterator[Any]:
     """EVT_C_MOVE handler (see the module docstring for the protocol with pynetdicom)."""
     peer = _peer(event)

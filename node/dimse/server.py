@@ -7,16 +7,17 @@
 Services (see docs/dimse.md for the conformance statement):
 
 * Verification SCP (C-ECHO).
-* Storage SCP (C-STORE, :mod:`node.dimse.store_scp`) for every storage SOP class pynetdicom knows, in the
-  uncompressed and the common compressed transfer syntaxes; the same contexts accept the SCP role
-  so that C-GET sub-operations can come back over them.
+* Storage SCP (C-STORE, :mod:`node.dimse.store_scp`) for every storage SOP class pynetdicom
+  knows, the standard's retired ones and, per association, unknown (private) ones
+  (:mod:`node.dimse.sop_classes`), in the uncompressed and the common compressed transfer
+  syntaxes; the same contexts accept the SCP role so that C-GET sub-operations can come back
+  over them.
 * Query/Retrieve SCP, Patient and Study Root FIND/MOVE/GET (:mod:`node.dimse.find_scp`,
   :mod:`node.dimse.retrieve_scp`).
 """
 
 from __future__ import annotations
 
-import copy
 import faulthandler
 import logging
 import signal
@@ -27,8 +28,7 @@ from types import FrameType
 from typing import Any
 
 from pydicom import config as pydicom_config
-from pynetdicom import AE, _config, evt
-from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -42,11 +42,10 @@ from pynetdicom.sop_class import (
 from node.app import App, open_app
 from node.config import Config, ConfigError
 from node.context import NodeContext
-from node.dimse import compat, find_scp, retrieve_scp, syntaxes
+from node.dimse import compat, find_scp, retrieve_scp, sop_classes, syntaxes
 from node.dimse import store_scp as store_handler
 from node.dimse.association import assoc_id
-from node.dimse.compat import reactor
-from node.dimse.compat import store_messages as store_dimse
+from node.dimse.compat import contexts
 from node.ops import systemd
 from node.pipeline import arrivals
 from node.storage import receive
@@ -65,75 +64,10 @@ GET_CLASSES = (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrie
 
 
 
-def _copy_contexts(obj: Any, memo: dict[int, Any] | None = None) -> Any:
-    """``copy.deepcopy`` for the one call in ``pynetdicom.transport``: the server's contexts.
-
-    Each new association gets its own copy of the ~180 supported presentation contexts;
-    ``deepcopy`` took 31 ms per association for objects whose only mutable part is the list of
-    transfer syntaxes (UIDs are immutable strings).
-    """
-    if isinstance(obj, list) and all(type(cx) is PresentationContext for cx in obj):
-        copies = []
-        for cx in obj:
-            new = copy.copy(cx)
-            new._transfer_syntax = list(cx._transfer_syntax)
-            copies.append(new)
-        return copies
-    return copy.deepcopy(obj, memo)
-
-
-def _tune_pynetdicom() -> None:
-    """Process-wide pynetdicom settings for a node (set when a :class:`Node` is built).
-
-    * Datasets go to a temporary file as they arrive, not into memory (a model can be 1 GiB).
-    * The DUL and association reactors tuned (:mod:`node.dimse.compat.reactor`).
-    * C-STORE-RQ decoded and C-STORE-RSP encoded by hand (:mod:`node.dimse.compat.store_messages`).
-    * :func:`_copy_contexts` for the per-association copy of the supported contexts.
-
-    Nothing is patched unless the installed pynetdicom is the version these patches were written
-    for (:func:`node.dimse.compat.check` raises :class:`~node.dimse.compat.IncompatibleLibrary`).
-    """
-    from pynetdicom import transport
-
-    compat.check()
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    reactor.install()
-    store_dimse.install()
-    transport.deepcopy = _copy_contexts  # type: ignore[attr-defined]
-
-
-def storage_sop_classes() -> list[str]:
-    """Every storage SOP class the node accepts (pynetdicom's full list)."""
-    return sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts})
-
-
 def _peer_desc(assoc: Any) -> str:
     rq = assoc.requestor
     calling = rq.ae_title or getattr(rq.primitive, "calling_ae_title", "") or "?"
     return f"{calling.strip()}@{rq.address}:{rq.port}"
-
-
-def _prefer_requestor_syntaxes(assoc: Any) -> None:
-    """Let the requestor's order of transfer syntaxes decide, not ours.
-
-    pynetdicom accepts, in a context that proposes several transfer syntaxes, the first one of
-    the *acceptor's* list that was proposed. A sender knows best what it holds: one with JPEG 2000
-    data that proposes JPEG 2000 then Explicit VR Little Endian must not be made to decompress
-    (nor, the other way round, to compress lossily). So before negotiation each supported
-    context that was proposed gets the requestor's order (of the first context proposed for
-    that SOP class), followed by our remaining syntaxes.
-    """
-    proposed: dict[str, list[str]] = {}
-    for cx in assoc.requestor.primitive.presentation_context_definition_list:
-        proposed.setdefault(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
-    for cx in assoc.acceptor.supported_contexts:
-        order = proposed.get(str(cx.abstract_syntax))
-        if order and len(cx._transfer_syntax) > 1:
-            # Reordered in place: the setter would validate every UID again (~10 ms for ~190
-            # contexts, on every association); these are the context's own, already valid.
-            ours = {str(ts): ts for ts in cx._transfer_syntax}
-            first = [ours[ts] for ts in dict.fromkeys(order) if ts in ours]
-            cx._transfer_syntax = first + [ts for ts in cx._transfer_syntax if ts not in first]
 
 
 class Node:
@@ -141,7 +75,7 @@ class Node:
 
     def __init__(self, config: Config, app: App | None = None) -> None:
         self.config = config
-        _tune_pynetdicom()
+        compat.install_server()
         self.app = app or open_app(config)
         self.ctx = NodeContext(self.app)
         self.ae = self._build_ae()
@@ -169,12 +103,19 @@ class Node:
         ae.require_called_aet = n.require_called_ae
 
         ae.add_supported_context(Verification, QUERY_TRANSFER_SYNTAXES)
-        for sop_class in storage_sop_classes():
+        st = self.config.storage
+        for sop_class in sop_classes.storage_sop_classes(retired=st.accept_retired_sop_classes):
+            sop_classes.serve_as_storage(sop_class)
             # scu_role/scp_role: accept what a C-GET requestor proposes for the sub-operations.
             ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
 
         for sop_class in (*FIND_CLASSES, *MOVE_CLASSES, *GET_CLASSES):
             ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
+        # Known to the negotiation, so never taken for unknown: the retired classes when they
+        # are off, too (pydicom knows them).
+        self._unknown = (sop_classes.UnknownStorage({str(cx.abstract_syntax) for cx in ae.supported_contexts},
+                                        STORAGE_TRANSFER_SYNTAXES)
+                         if st.accept_unknown_sop_classes else None)
         return ae
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any], list[Any]]]:
@@ -196,10 +137,14 @@ class Node:
     # ------------------------------------------------------------------ association events
 
     def _on_requested(self, event: evt.Event) -> None:
-        """Before negotiation: the allow-list, then the requestor's transfer syntax preference."""
+        """Before negotiation: the allow-list, unknown SOP classes, the requestor's syntax order."""
         # Security.wrap runs the allow-list and permission checks first and calls this only for
         # an association it lets through.
-        _prefer_requestor_syntaxes(event.assoc)
+        assoc = event.assoc
+        proposed = contexts.proposed_syntaxes(assoc)
+        if self._unknown is not None:
+            self._unknown.add_contexts(assoc, proposed)
+        contexts.prefer_requestor_syntaxes(assoc, proposed)
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -331,6 +276,11 @@ def serve(config: Config) -> int:
     if problems:
         raise ConfigError(problems, config.source)
     node = Node(config)
+    if config.models.register_reference:
+        from node.storage.registry import register_reference_models
+
+        # Before the port opens: the first study a new node receives finds its models.
+        register_reference_models(node.app.registry)
     print(
         f"modelnode: serving {config.node.ae_title} on {config.node.bind}:{config.node.port} "
         f"data {config.data_dir} database {_redact(config.database_url)}",

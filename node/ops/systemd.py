@@ -13,7 +13,8 @@ import socket
 import threading
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+# Named as before node/ was split into stages, so that log filters and greps keep working.
+log = logging.getLogger("node.systemd")
 
 
 def notify(message: str) -> bool:

@@ -32,7 +32,8 @@ import peewee
 
 from node.storage.db import BaseModel, database_proxy, statements, write_transaction
 
-log = logging.getLogger(__name__)
+# Named as before node/ was split into stages, so that log filters and greps keep working.
+log = logging.getLogger("node.jobs")
 
 STATES = ("pending", "selected", "running", "done", "failed", "exported")
 OUTCOME_RESULT = "result"

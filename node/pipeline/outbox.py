@@ -25,7 +25,8 @@ from node.storage.db import BaseModel, write_transaction
 if TYPE_CHECKING:
     from node.scu.client import Options
 
-log = logging.getLogger(__name__)
+# Named as before node/ was split into stages, so that log filters and greps keep working.
+log = logging.getLogger("node.outbox")
 
 OUTBOX_STATES = ("pending", "sent", "dead")
 

@@ -15,7 +15,8 @@ from typing import Any
 import peewee
 from playhouse.db_url import connect
 
-log = logging.getLogger(__name__)
+# Named as before node/ was split into stages, so that log filters and greps keep working.
+log = logging.getLogger("node.db")
 
 database_proxy = peewee.DatabaseProxy()
 

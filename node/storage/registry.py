@@ -13,6 +13,7 @@ publish a new version (a new UID whose card names the old one as ``provenance.pa
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.resources
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -22,12 +23,13 @@ from pathlib import Path
 import peewee
 
 from iods import model_object
-from iods.card import ModelCard, card_from_json
+from iods.card import CardError, ModelCard, card_from_json
 from node.storage import index
 from node.storage.db import BaseModel, database_proxy, write_transaction
 from node.storage.objects import ObjectStore, StoredObject
 
-log = logging.getLogger(__name__)
+# Named as before node/ was split into stages, so that log filters and greps keep working.
+log = logging.getLogger("node.registry")
 
 
 class ModelConflict(ValueError):
@@ -78,6 +80,21 @@ class ModelTerm(BaseModel):
 
     class Meta:
         indexes = ((("kind", "scheme", "value"), False),)
+
+
+class RegistryMark(BaseModel):
+    """A fact about the registry's past that its current rows no longer show.
+
+    ``model-removed``: a model was removed once. With it, an empty registry is one a site
+    emptied, not a new one, and the shipped reference models are not registered again
+    (:func:`register_reference_models`).
+    """
+
+    name = peewee.CharField(max_length=64, unique=True)
+    at = peewee.DateTimeField(default=_dt.datetime.now)
+
+
+MODEL_REMOVED = "model-removed"
 
 
 @dataclass(frozen=True)
@@ -187,6 +204,7 @@ class Registry:
                 return None
             record.delete_instance(recursive=True)
             index.remove_instance(uid)
+            RegistryMark.insert(name=MODEL_REMOVED).on_conflict_ignore().execute()
             in_use = index.digest_in_use(record.file_digest)
         if not in_use:
             self.store.remove(record.file_digest)
@@ -225,6 +243,53 @@ class Registry:
     def all_with_terms(self) -> list[ModelRecord]:
         """Every model with its terms prefetched (for the selection algorithm)."""
         return list(peewee.prefetch(ModelRecord.select().order_by(ModelRecord.uid), ModelTerm.select()))
+
+    def never_held_a_model(self) -> bool:
+        """True when no model is registered and none was ever removed: a new registry."""
+        return not ModelRecord.select().exists() and not RegistryMark.select().where(
+            RegistryMark.name == MODEL_REMOVED).exists()
+
+
+REFERENCE_SOURCE = "reference"
+
+
+def reference_model_files() -> list[Path]:
+    """The model objects shipped in the ``models`` package (``models/reference/*.dcm``)."""
+    folder = importlib.resources.files("models") / "reference"
+    return sorted(Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".dcm"))
+
+
+def register_reference_models(registry: Registry, files: Iterable[Path] | None = None) -> list[ModelRecord]:
+    """Register the shipped reference models in a registry that never held a model.
+
+    What ``modelnode serve`` does at start (``[models] register_reference``), so that a new node
+    segments its first chest CT with no other command. Each file goes through
+    :meth:`Registry.add_file`, the path of ``modelnode models add``, with its verification. A
+    registry that holds a model, or that held one and had it removed, is left as it is: a site
+    that removed the reference models does not get them back at the next start. A file that
+    fails verification is logged as an ERROR and skipped: the node serves without it.
+    """
+    if not registry.never_held_a_model():
+        return []
+    files = list(reference_model_files() if files is None else files)
+    if not files:
+        log.warning("the model registry is new, but this installation ships no reference models")
+        return []
+    log.info("the model registry is new: registering the %d shipped reference model(s) "
+             "([models] register_reference = false turns this off)", len(files))
+    added = []
+    for path in files:
+        try:
+            record, _ = registry.add_file(path, source=REFERENCE_SOURCE)
+        except peewee.IntegrityError:
+            # Another node sharing this (PostgreSQL) registry registered it at the same moment.
+            log.info("reference model %s: registered by another node meanwhile", path.name)
+            continue
+        except (model_object.ModelObjectError, CardError, ModelConflict, OSError) as exc:
+            log.error("reference model %s not registered: %s", path, exc)
+            continue
+        added.append(record)
+    return added
 
 
 def record_summary(record: ModelRecord) -> dict:

@@ -14,13 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import _config, dimse_messages
+from pynetdicom import dimse_messages
 
 
 def route_receive_files(factory: Callable[..., Any], create_file_meta: Callable[..., Any],
                         write_file_meta_info: Callable[..., Any]) -> None:
-    """Receive every C-STORE dataset into a file, through the node's file factory and File Meta."""
-    _config.STORE_RECV_CHUNKED_DATASET = True
+    """Receive every C-STORE dataset into a file, through the node's file factory and File Meta.
+
+    Takes effect with ``STORE_RECV_CHUNKED_DATASET``, which :func:`node.dimse.compat.install_server`
+    sets.
+    """
     dimse_messages.NamedTemporaryFile = factory  # type: ignore[attr-defined]
     dimse_messages.create_file_meta = create_file_meta  # type: ignore[attr-defined]
     dimse_messages.write_file_meta_info = write_file_meta_info  # type: ignore[attr-defined]
