@@ -129,7 +129,7 @@ def promote_ready(quiet_seconds: float, now: _dt.datetime | None = None) -> list
             a.delete_instance()
             jobs.append(job)
             log.info("job %d: %s %s ready after %.1f s quiet (%d instance(s))", job.id, a.group_by,
-                     _short(a.group_key), (now - a.last_received).total_seconds(), a.instances)
+                     short_uid(a.group_key), (now - a.last_received).total_seconds(), a.instances)
     return jobs
 
 
@@ -204,5 +204,5 @@ def counts_by_state() -> dict[str, int]:
     return out
 
 
-def _short(uid: str) -> str:
+def short_uid(uid: str) -> str:
     return uid if len(uid) <= 24 else "…" + uid[-20:]

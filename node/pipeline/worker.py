@@ -221,7 +221,7 @@ class Pipeline:
             if not made:
                 reasons = "; ".join(f"{rej.name}: {', '.join(rej.reasons)}" for r in results for rej in r.selection.rejected)
                 log.warning("job %d: no suitable model for %s %s (%s)", job.id, job.group_by,
-                            jobs._short(job.group_key), reasons or "no models registered")
+                            jobs.short_uid(job.group_key), reasons or "no models registered")
             else:
                 log.info("job %d: done in %.2f s, %d result(s), %d export(s) queued", job.id,
                          timings["total"], len(made), queued)
@@ -275,7 +275,7 @@ class Pipeline:
         self.audit.record(audit_events.SELECTION, job=job.id, series_uid=series.series_uid,
                           model_uid=sel.best.uid if sel.best else "", outcome="model" if sel.best else "no-suitable-model")
         log.info("job %d: selection for series %s (%s, %d instance(s)):\n%s", job.id,
-                 jobs._short(series.series_uid), series.modality, len(datasets), sel.explain())
+                 jobs.short_uid(series.series_uid), series.modality, len(datasets), sel.explain())
         if sel.best is None:
             return SeriesResult(series.series_uid, sel, [], timings)
         record = self.ctx.app.registry.get(sel.best.uid)
@@ -343,7 +343,7 @@ class Pipeline:
         record = self.ctx.app.registry.get(sel.best.uid)
         result_ds, timings = self._infer(record, datasets)
         log.info("head start: %s computed for series %s (%d instance(s)) in %.2f s during its quiet time",
-                 record.name, jobs._short(series.series_uid), len(digests), time.perf_counter() - t0)
+                 record.name, jobs.short_uid(series.series_uid), len(digests), time.perf_counter() - t0)
         return Ahead(series.series_uid, digests, record.uid, result_ds, timings)
 
     def _session(self, uid: str):
