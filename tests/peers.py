@@ -126,9 +126,19 @@ def orthanc(workdir: Path, modalities: dict[str, tuple[str, str, int]] | None = 
         log.close()
 
 
+def _said(output: str | bytes | None) -> str:
+    # TimeoutExpired carries bytes even from a text-mode run.
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
 def run(cmd: list[str], timeout: float = 60, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    """Run a peer tool with TCP_NODELAY set; fail with its output when it fails."""
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kw.pop("env", PEER_ENV), **kw)
+    """Run a peer tool with TCP_NODELAY set; fail with its output when it fails or hangs."""
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kw.pop("env", PEER_ENV), **kw)
+    except subprocess.TimeoutExpired as exc:
+        # subprocess.run has killed it; what it said until then shows where it was stuck.
+        raise AssertionError(f"{' '.join(cmd)} still running after {timeout} s, killed\nstdout:\n{_said(exc.stdout)}"
+                             f"\nstderr:\n{_said(exc.stderr)}") from exc
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {res.returncode}\nstdout:\n{res.stdout}\nstderr:\n{res.stderr}")
     return res

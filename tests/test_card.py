@@ -9,9 +9,8 @@ from cards import segmentation_card_dict
 
 from iods.card import SCHEMA, CardError, card_from_json, load_card, parse_card
 
-pytestmark = pytest.mark.timeout(10)
 
-
+@pytest.mark.timeout(10)
 def test_valid_card_round_trips_through_json():
     card = parse_card(segmentation_card_dict())
     assert card.schema == SCHEMA
@@ -33,6 +32,7 @@ def _without(path: str) -> dict:
     return data
 
 
+@pytest.mark.timeout(10)
 @pytest.mark.parametrize(
     "path",
     ["identity.name", "identity.version", "identity.manufacturer", "identity.licence", "identity.intended_use",
@@ -46,6 +46,7 @@ def test_missing_required_field_is_named(path):
     assert path in str(err.value)
 
 
+@pytest.mark.timeout(10)
 def test_missing_field_inside_a_class_is_named_with_its_index():
     data = segmentation_card_dict()
     del data["task"]["classes"][1]["category"]
@@ -54,6 +55,7 @@ def test_missing_field_inside_a_class_is_named_with_its_index():
     assert err.value.field == "task.classes[1].category"
 
 
+@pytest.mark.timeout(10)
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
@@ -81,6 +83,7 @@ def test_invalid_values_are_refused_by_field(mutate, field):
     assert err.value.field == field
 
 
+@pytest.mark.timeout(10)
 def test_load_card_from_toml_file(tmp_path):
     from cards import SEGMENTATION_TOML
 

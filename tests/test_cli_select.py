@@ -12,7 +12,6 @@ import pytest
 
 from models.training.phantoms import write_ct_series, write_radiograph
 
-pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,6 +21,7 @@ def modelnode(*args: str, data: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, env=env, timeout=100)
 
 
+@pytest.mark.timeout(120)
 def test_select_ranks_and_explains(tmp_path):
     data = tmp_path / "data"
     for name in ("lung_unet.dcm", "bodypart_cnn.dcm"):
@@ -41,6 +41,7 @@ def test_select_ranks_and_explains(tmp_path):
     assert none.returncode == 4 and "neither a file" in none.stderr
 
 
+@pytest.mark.timeout(120)
 def test_image_check_supplies_anatomy_headers_lack(tmp_path):
     data = tmp_path / "data"
     assert modelnode("models", "add", str(ROOT / "models" / "reference" / "bodypart_cnn.dcm"), data=data).returncode == 0

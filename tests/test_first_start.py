@@ -27,7 +27,7 @@ import pytest
 from node_proc import MODELNODE, REPO, NodeProcess, node_process
 from peers import free_port, require, run, stop, wait_port
 
-from models.phantoms import write_ct_series
+from models.training.phantoms import write_ct_series
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 LUNG_MODEL = "modelnode-lung-unet"

@@ -4,6 +4,7 @@ it was computed from exactly the files and the model the job has."""
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -43,23 +44,51 @@ def test_taken_once_and_only_for_the_same_files_and_model() -> None:
     assert hs.take("1.2.840.1", ("a", "b"), "1.2.3") is None
 
 
+class _OnMessage(logging.Handler):
+    """Sets ``event`` when a record whose message contains ``text`` is logged."""
+
+    def __init__(self, text: str, event: threading.Event) -> None:
+        super().__init__(logging.DEBUG)
+        self.text, self.event = text, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
 @pytest.mark.timeout(30)
 def test_a_job_waits_for_the_head_start_in_progress() -> None:
     hs = HeadStart()
-    started = threading.Event()
+    started, release, waiting = threading.Event(), threading.Event(), threading.Event()
 
     def slow() -> Ahead:
         started.set()
-        time.sleep(0.5)
+        assert release.wait(20)
         return _ahead(("a",))
 
-    t = threading.Thread(target=hs.compute, args=("1.2.840.1", slow))
-    t.start()
-    assert started.wait(5)
-    t0 = time.monotonic()
-    got = hs.take("1.2.840.1", ("a",), "1.2.3")
-    assert got is not None and time.monotonic() - t0 >= 0.3, "the job ran instead of waiting"
-    t.join(5)
+    # The result exists only after ``release``, which is set only once take() has said it waits:
+    # a take() that returned at once instead would get None.
+    logger = logging.getLogger("modelnode.headstart")
+    handler, level = _OnMessage("waits for the head start in progress", waiting), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    got: list[Ahead | None] = []
+    computer = threading.Thread(target=hs.compute, args=("1.2.840.1", slow))
+    taker = threading.Thread(target=lambda: got.append(hs.take("1.2.840.1", ("a",), "1.2.3")))
+    try:
+        computer.start()
+        assert started.wait(10)
+        taker.start()
+        assert waiting.wait(10), "take() did not wait for the computation in progress"
+    finally:
+        release.set()
+        computer.join(10)
+        if taker.ident is not None:  # started
+            taker.join(10)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert got and got[0] is not None, "the job ran instead of waiting"
+    assert hs.taken == 1
 
 
 def _jobs(node) -> list[dict]:

@@ -8,8 +8,6 @@ import pytest
 
 from node.pipeline import jobs, outbox
 
-pytestmark = pytest.mark.timeout(30)
-
 T0 = dt.datetime(2026, 11, 21, 12, 0, 0)
 
 
@@ -18,6 +16,7 @@ def arrive(key="1.2.3", new=True):
                       new_association=new)
 
 
+@pytest.mark.timeout(30)
 def test_series_is_ready_only_after_quiet_time_and_association_end(app):
     arrive()
     arrive(new=False)
@@ -30,6 +29,7 @@ def test_series_is_ready_only_after_quiet_time_and_association_end(app):
     assert jobs.Arrival.select().count() == 0
 
 
+@pytest.mark.timeout(30)
 def test_scheduler_knows_when_the_next_series_is_due(app):
     assert jobs.seconds_until_ready(5) is None, "nothing waiting"
     arrive("1.2.3")
@@ -44,6 +44,7 @@ def test_scheduler_knows_when_the_next_series_is_due(app):
     assert jobs.seconds_until_ready(5, now=last + dt.timedelta(seconds=2)) == pytest.approx(3.0, abs=1e-3)
 
 
+@pytest.mark.timeout(30)
 def test_late_instance_makes_a_new_job(app):
     arrive()
     jobs.association_ended({"1.2.3"})
@@ -55,6 +56,7 @@ def test_late_instance_makes_a_new_job(app):
     assert second.id != first.id and second.group_key == first.group_key
 
 
+@pytest.mark.timeout(30)
 def test_claim_is_exclusive_and_counts_attempts(app):
     arrive()
     jobs.association_ended({"1.2.3"})
@@ -64,6 +66,7 @@ def test_claim_is_exclusive_and_counts_attempts(app):
     assert jobs.claim_next() is None
 
 
+@pytest.mark.timeout(30)
 def test_interrupted_job_runs_again_once_then_gives_up(app):
     arrive()
     jobs.association_ended({"1.2.3"})
@@ -79,6 +82,7 @@ def test_interrupted_job_runs_again_once_then_gives_up(app):
     assert jobs.retry(job.id).state == "pending"
 
 
+@pytest.mark.timeout(30)
 def test_outbox_backoff_then_dead_letter(app):
     item = outbox.enqueue(1, "1.2.3.4", "a" * 64, "PACS")
     now = dt.datetime.now()
@@ -95,6 +99,7 @@ def test_outbox_backoff_then_dead_letter(app):
     assert not outbox.job_fully_sent(1)
 
 
+@pytest.mark.timeout(30)
 def test_outbox_marks_job_sent_only_when_every_item_is(app):
     a = outbox.enqueue(7, "1.1", "a" * 64, "PACS")
     b = outbox.enqueue(7, "1.2", "b" * 64, "PACS")
@@ -104,6 +109,7 @@ def test_outbox_marks_job_sent_only_when_every_item_is(app):
     assert outbox.job_fully_sent(7)
 
 
+@pytest.mark.timeout(30)
 def test_re_enqueue_replaces_a_pending_copy(app):
     outbox.enqueue(1, "1.1", "a" * 64, "PACS")
     outbox.enqueue(2, "1.1", "b" * 64, "PACS")

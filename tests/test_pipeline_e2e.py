@@ -51,13 +51,14 @@ def _store(node, paths) -> None:
     run(["storescu", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, paths)], timeout=120)
 
 
-def _wait(predicate, timeout: float, what: str, node=None):
+def _wait(predicate, timeout: float, what: str, node=None, poll: float = 0.1):
+    """Poll ``predicate`` (a state in another process: Orthanc's, the node's database or log)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.1)
+        time.sleep(poll)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}" + (f"\n{node.log()[-5000:]}" if node else ""))
 
 
@@ -153,7 +154,13 @@ def test_result_is_delivered_exactly_once_after_the_pacs_comes_up(tmp_path):
         with orthanc(tmp_path / "orthanc", port=pacs_port) as pacs:
             _wait(lambda: _orthanc_instances(pacs, "SEG"), 60, "the SEG after the PACS came up", node)
             _wait(lambda: _jobs(node)[0]["state"] == "exported", 30, "the job to be exported", node)
-            time.sleep(2)  # a duplicate send would land within the poll interval
+            # The exporter audits a send and marks its item sent before the job turns "exported",
+            # and only pending items are ever sent: from here on no send can follow, so the sends
+            # counted now are all there will be. (Orthanc keeps one copy of a SOP instance however
+            # often it arrives; the node's audit counts the sends.)
+            audit = [json.loads(line) for line in (node.data_dir / "audit.jsonl").read_text().splitlines()]
+            sends = [a for a in audit if a["event"] == "result-exported"]
+            assert len(sends) == 1, sends
             assert len(_orthanc_instances(pacs, "SEG")) == 1
             stats = pacs.rest("/statistics")
             assert stats["CountInstances"] == 1
@@ -166,11 +173,17 @@ def test_result_is_delivered_exactly_once_after_the_pacs_comes_up(tmp_path):
 def test_job_killed_during_inference_completes_after_restart(tmp_path):
     with orthanc(tmp_path / "orthanc") as pacs:
         peers, extra = _pipeline_config(pacs.aet, pacs.port)
+        # The model must run in the job to be killed there: a head start finished during the
+        # quiet time would leave the job nothing to do but take its result.
+        extra["pipeline"]["head_start"] = False
         with node_process(tmp_path / "node", peers=peers, extra=extra) as node:
             _add_models(node)
             # A large series keeps the job running long enough to be killed in the middle.
             _store(node, write_ct_series(tmp_path / "ct", CT_SEED + 2, slices=120, size=512))
-            _wait(lambda: any(j["state"] in ("selected", "running") for j in _jobs(node)), 120, "a running job", node)
+            # Claimed (state "selected", attempt 1) when it logs its selection. The log is read
+            # rather than `jobs list`, whose process per poll took most of the ~2.7 s the model
+            # then runs here: a kill after "done" would test nothing (attempts would stay 1).
+            _wait(lambda: "job 1: selection for series" in node.log(), 120, "a running job", node, poll=0.01)
             node.kill()
             node.restart()
             _wait(lambda: _jobs(node) and _jobs(node)[0]["state"] == "exported", 240, "the job after restart", node)

@@ -4,7 +4,7 @@ digest, and never beyond its memory budget."""
 from __future__ import annotations
 
 import io
-import time
+import queue
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,6 @@ from models.training.phantoms import write_ct_series
 from node.pipeline.prefetch import Prefetcher
 from node.storage import index
 from node.storage.db import write_transaction
-
-pytestmark = pytest.mark.timeout(60)
 
 
 def _store_series(app, tmp_path: Path, slices: int = 4) -> list[str]:
@@ -33,23 +31,24 @@ def _store_series(app, tmp_path: Path, slices: int = 4) -> list[str]:
     return digests
 
 
-def _wait(predicate, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
+def _prefetcher(app, budget: int) -> tuple[Prefetcher, queue.Queue[list[str]]]:
+    """A started prefetcher and the queue its thread puts each request's keys on once it is done
+    with them (its ``after`` hook): the event the tests wait on."""
+    done: queue.Queue[list[str]] = queue.Queue()
+    pf = Prefetcher(app.store, budget, after=done.put)
+    pf.start()
+    return pf, done
 
 
+@pytest.mark.timeout(60)
 def test_series_is_decoded_in_the_background_and_taken_once(app, tmp_path):
     digests = _store_series(app, tmp_path)
     series_uid = str(pydicom.dcmread(app.store.path(digests[0])).SeriesInstanceUID)
-    pf = Prefetcher(app.store, 64 << 20)
-    pf.start()
+    pf, done = _prefetcher(app, 64 << 20)
     try:
         pf.request({series_uid})
-        assert _wait(lambda: pf.bytes_held > 0 and len(pf._cache) == len(digests))
+        assert done.get(timeout=30) == [series_uid]
+        assert pf.bytes_held > 0
         for d in digests:
             ds = pf.take(d)
             assert ds is not None
@@ -62,21 +61,22 @@ def test_series_is_decoded_in_the_background_and_taken_once(app, tmp_path):
         pf.stop()
 
 
+@pytest.mark.timeout(60)
 def test_study_keys_work_and_the_budget_is_never_exceeded(app, tmp_path):
     digests = _store_series(app, tmp_path, slices=6)
     study_uid = str(pydicom.dcmread(app.store.path(digests[0])).StudyInstanceUID)
     one = 2 * 64 * 64 * 2  # stored pixels plus decoded array (uint16): 16 KiB per slice
-    pf = Prefetcher(app.store, 3 * one + one // 2)
-    pf.start()
+    pf, done = _prefetcher(app, 3 * one + one // 2)
     try:
         pf.request({study_uid})
-        assert _wait(lambda: len(pf._cache) == 3)
-        time.sleep(0.2)
-        assert len(pf._cache) == 3 and pf.bytes_held <= pf.budget
+        # The request is finished with: whatever it would cache past the budget, it has cached.
+        assert done.get(timeout=30) == [study_uid]
+        assert sum(pf.peek(d) is not None for d in digests) == 3 and pf.bytes_held <= pf.budget
     finally:
         pf.stop()
 
 
+@pytest.mark.timeout(60)
 def test_disabled_prefetcher_does_nothing(app, tmp_path):
     digests = _store_series(app, tmp_path, slices=2)
     pf = Prefetcher(app.store, 0)

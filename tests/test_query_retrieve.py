@@ -10,7 +10,6 @@ accepts some SOP classes only (partial failures).
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -637,28 +636,40 @@ def test_cli_retries_until_the_peer_comes_up(env: Env, tmp_path: Path) -> None:
     # Nothing listening and no retries: a peer failure, exit 6.
     res = cli(env.node, "echo", "--to", to, "--retries", "0")
     assert res.returncode == 6 and "retrying" not in res.stderr
-    # The peer (a pynetdicom Verification SCP on 127.0.0.1) starts 1.5 s after the client: the
-    # client retries with backoff and succeeds.
+    # The peer (a pynetdicom Verification SCP on 127.0.0.1) starts once the client has logged a
+    # failed attempt against the closed port, so the client must retry to succeed however slowly
+    # either side starts. start_server() returns listening; the next attempt is 0.3 s later and
+    # five more follow over ~9 s, so the client's retries outlast the start.
     from pynetdicom import AE
 
     late = AE("LATE")
     late.add_supported_context("1.2.840.10008.1.1")
-    servers = []
-    timer = threading.Timer(1.5, lambda: servers.append(late.start_server(("127.0.0.1", port), block=False)))
-    client = subprocess.Popen([*MODELNODE, "--config", str(env.node.config_path), "echo", "--to", to, "--retries", "6",
-                               "--retry-delay", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=REPO)
-    timer.start()
+    server = None
+    stdout_path = tmp_path / "echo.out"
+    lines: list[str] = []
+    with stdout_path.open("w") as stdout_file:
+        # stdout to a file: only stderr is piped, and this loop drains it to EOF, so neither blocks.
+        client = subprocess.Popen([*MODELNODE, "--config", str(env.node.config_path), "echo", "--to", to,
+                                   "--retries", "6", "--retry-delay", "0.3"], stdout=stdout_file,
+                                  stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert client.stderr is not None
     try:
-        stdout, stderr = client.communicate(timeout=40)
+        for line in client.stderr:
+            lines.append(line)
+            if server is None and "retrying in" in line:
+                server = late.start_server(("127.0.0.1", port), block=False)
+        client.wait(timeout=10)  # stderr is at EOF: the client has exited or is about to
     finally:
-        timer.join()
-        for server in servers:
-            server.shutdown()
         if client.poll() is None:
             client.kill()
+            client.wait(10)
+        client.stderr.close()
+        if server is not None:
+            server.shutdown()
+    stderr, stdout = "".join(lines), stdout_path.read_text()
+    assert server is not None, f"the client never retried:\n{stderr}"
     assert client.returncode == 0, stderr
-    assert "C-ECHO success" in stdout and "retrying in" in stderr
+    assert "C-ECHO success" in stdout
     # A definite failure status is not retried: a PATIENT query on the Study Root model.
     to = f"{env.node.ae_title}@127.0.0.1:{env.node.port}"
     res = cli(env.node, "find", "--to", to, "--level", "PATIENT", "-k", "PatientName")

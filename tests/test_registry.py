@@ -13,8 +13,6 @@ from iods.card import parse_card
 from node.storage import index
 from node.storage.registry import Filters, ModelConflict, ModelRecord, ModelTerm
 
-pytestmark = pytest.mark.timeout(30)
-
 
 def _pack(tmp_path, name="lung", version="1.0.0", onnx=None, **target):
     data = segmentation_card_dict(name=name, version=version)
@@ -25,6 +23,7 @@ def _pack(tmp_path, name="lung", version="1.0.0", onnx=None, **target):
     return path
 
 
+@pytest.mark.timeout(30)
 def test_add_indexes_every_searchable_field(app, tmp_path):
     record, new = app.registry.add_file(_pack(tmp_path))
     assert new
@@ -39,6 +38,7 @@ def test_add_indexes_every_searchable_field(app, tmp_path):
     assert inst.digest == record.file_digest
 
 
+@pytest.mark.timeout(30)
 def test_files_are_stored_by_content_not_by_uid(app, tmp_path):
     record, _ = app.registry.add_file(_pack(tmp_path))
     path = app.registry.path(record)
@@ -49,6 +49,7 @@ def test_files_are_stored_by_content_not_by_uid(app, tmp_path):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == record.file_digest
 
 
+@pytest.mark.timeout(30)
 def test_filters(app, tmp_path):
     app.registry.add_file(_pack(tmp_path, "lung-seg"))
     app.registry.add_file(_pack(tmp_path, "knee-seg", modalities=["MR"], body_parts=["KNEE"],
@@ -64,6 +65,7 @@ def test_filters(app, tmp_path):
     assert names(Filters(modality="CT", body_part="KNEE")) == []
 
 
+@pytest.mark.timeout(30)
 def test_same_model_twice_is_a_no_op(app, tmp_path):
     path = _pack(tmp_path)
     first, new1 = app.registry.add_file(path)
@@ -73,6 +75,7 @@ def test_same_model_twice_is_a_no_op(app, tmp_path):
     assert ModelRecord.select().count() == 1
 
 
+@pytest.mark.timeout(30)
 def test_same_uid_with_other_content_is_refused_and_nothing_changes(app, tmp_path):
     a = _pack(tmp_path)
     record, _ = app.registry.add_file(a)
@@ -85,6 +88,7 @@ def test_same_uid_with_other_content_is_refused_and_nothing_changes(app, tmp_pat
     assert app.registry.path(record).exists()
 
 
+@pytest.mark.timeout(30)
 def test_invalid_object_is_not_registered_or_stored(app, tmp_path):
     path = _pack(tmp_path)
     data = bytearray(path.read_bytes())
@@ -96,6 +100,7 @@ def test_invalid_object_is_not_registered_or_stored(app, tmp_path):
     assert list(app.store.objects.rglob("*.dcm")) == []
 
 
+@pytest.mark.timeout(30)
 def test_new_version_links_to_its_parent(app, tmp_path):
     parent, _ = app.registry.add_file(_pack(tmp_path, version="1.0.0"))
     data = segmentation_card_dict(name="lung", version="1.1.0")
@@ -107,6 +112,7 @@ def test_new_version_links_to_its_parent(app, tmp_path):
     assert child.study_uid == parent.study_uid and child.series_uid != parent.series_uid
 
 
+@pytest.mark.timeout(30)
 def test_remove_deletes_rows_and_file(app, tmp_path):
     record, _ = app.registry.add_file(_pack(tmp_path))
     path = app.registry.path(record)
@@ -117,10 +123,12 @@ def test_remove_deletes_rows_and_file(app, tmp_path):
     assert app.registry.remove(record.uid) is None
 
 
+@pytest.mark.timeout(30)
 def test_sqlite_runs_in_wal_mode(app):
     assert app.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.timeout(30)
 def test_database_url_selects_the_backend(tmp_path):
     from node.storage.db import open_database
 
@@ -135,12 +143,14 @@ def test_database_url_selects_the_backend(tmp_path):
     assert parsed["database"] == "registry" and parsed["host"] == "db.example"
 
 
+@pytest.mark.timeout(30)
 def test_replace_keeps_card_immutable_fields(seg_card):
     # A card whose uid is set explicitly is kept verbatim as the SOP Instance UID.
     card = replace(seg_card, identity=replace(seg_card.identity, uid="1.2.3.4.5"))
     assert mo.encode(segmentation_model(), card).SOPInstanceUID == "1.2.3.4.5"
 
 
+@pytest.mark.timeout(30)
 def test_write_transaction_waits_for_a_concurrent_writer_instead_of_failing(app):
     """A read-then-write transaction must not fail when another connection commits meanwhile
     (``models add`` from the CLI while the node stores): BEGIN IMMEDIATE makes it wait."""

@@ -15,9 +15,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from models.runtime import CPU, RuntimeSettings, SessionCache, usable_providers
 from models.volume import VolumeError, load_volume, sort_slices
 
-pytestmark = pytest.mark.timeout(60)
 
-
+@pytest.mark.timeout(60)
 def test_cuda_requested_on_a_cpu_machine_falls_back_with_a_log_line(caplog):
     cache = SessionCache(RuntimeSettings(providers=("CUDAExecutionProvider", CPU)))
     with caplog.at_level(logging.WARNING, logger="models.runtime"):
@@ -31,6 +30,7 @@ def test_cuda_requested_on_a_cpu_machine_falls_back_with_a_log_line(caplog):
     assert usable_providers(["CUDAExecutionProvider"]) == ([CPU], ["CUDAExecutionProvider"])
 
 
+@pytest.mark.timeout(60)
 def test_sessions_are_cached_and_bounded_by_size():
     small = segmentation_model()
     cache = SessionCache(RuntimeSettings(providers=(CPU,), cache_bytes=len(small) * 2))
@@ -42,6 +42,7 @@ def test_sessions_are_cached_and_bounded_by_size():
     assert cache.bytes_held <= len(small) * 2
 
 
+@pytest.mark.timeout(60)
 def test_batched_run_equals_one_run():
     model = SessionCache(RuntimeSettings(providers=(CPU,), intra_op_threads=1)).get("m", segmentation_model())
     x = np.random.default_rng(0).standard_normal((10, 1, 16, 16)).astype(np.float32)
@@ -68,6 +69,7 @@ def _slice(z: float, instance_number: int, value: int) -> Dataset:
     return ds
 
 
+@pytest.mark.timeout(60)
 def test_slices_sort_along_the_normal_not_by_instance_number():
     # Instance numbers in acquisition order (feet first), positions head-first: geometry wins.
     slices = [_slice(z=10.0 - 2.5 * i, instance_number=i + 1, value=100 * i) for i in range(4)]
@@ -80,6 +82,7 @@ def test_slices_sort_along_the_normal_not_by_instance_number():
     assert [ds.InstanceNumber for ds in sort_slices(shuffled)] == [4, 3, 2, 1]
 
 
+@pytest.mark.timeout(60)
 def test_compressed_series_decode_like_uncompressed():
     ref = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     # JPEG 2000 lossless and RLE against the uncompressed originals of the same images.
@@ -92,6 +95,7 @@ def test_compressed_series_decode_like_uncompressed():
     assert load_volume([ref]).pixels.shape == (1, 128, 128)
 
 
+@pytest.mark.timeout(60)
 def test_mixed_sizes_are_refused():
     a, b = _slice(0, 1, 0), _slice(1, 2, 0)
     b.Rows = b.Columns = 2

@@ -14,7 +14,7 @@ from peers import require, run
 from iods import model_object
 from iods.card import parse_card
 
-pytestmark = [pytest.mark.peers, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.peers
 
 
 def _model(tmp_path, name, modality, body_part, anatomy):
@@ -37,6 +37,7 @@ def _find(node, out, *keys):
     return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
+@pytest.mark.timeout(120)
 def test_findscu_selection_query_answers_best_first(tmp_path):
     with node_process(tmp_path / "node") as node:
         for args in (("ct-lung", "CT", "CHEST", ("39607008", "Lung")),

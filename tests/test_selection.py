@@ -15,8 +15,6 @@ from iods.card import parse_card
 from node.config import SelectionSection, SiteRule
 from node.pipeline.selection import SeriesFacts, select, version_key
 
-pytestmark = pytest.mark.timeout(60)
-
 
 def card(name, modalities, body_parts, anatomy, *, findings=(), version="1.0.0", layout="2d", channels=1,
          min_slices=1, laterality="", validated=True, photometric=("MONOCHROME2", "MONOCHROME1")):
@@ -108,6 +106,7 @@ def rule_points(sel, name, rule):
 # ---------------------------------------------------------------- hard constraints
 
 
+@pytest.mark.timeout(60)
 def test_modality_is_a_hard_constraint():
     sel = rank(series("MR", BodyPartExamined="CHEST"))
     assert sel.best is None or "ct-lung" not in [c.name for c in sel.ranked]
@@ -115,12 +114,14 @@ def test_modality_is_a_hard_constraint():
     assert any("modality MR" in r for r in rej["ct-lung"])
 
 
+@pytest.mark.timeout(60)
 def test_series_without_pixel_data_is_refused():
     sel = rank(series(BodyPartExamined="CHEST", pixels=False))
     assert not sel.suitable
     assert all(any("no pixel data" in r for r in rej.reasons) for rej in sel.rejected if "CT" in LIBRARY[rej.name].target.modalities)
 
 
+@pytest.mark.timeout(60)
 def test_channels_and_photometric_are_hard_constraints():
     sel = rank(series(BodyPartExamined="CHEST", spp=3, photometric="RGB"), models("ct-lung"))
     assert not sel.suitable
@@ -128,6 +129,7 @@ def test_channels_and_photometric_are_hard_constraints():
     assert "3 samples per pixel" in reasons and "photometric RGB" in reasons
 
 
+@pytest.mark.timeout(60)
 def test_3d_model_needs_geometry_and_enough_slices():
     lib = models("ct-cap")
     few = rank(series(n=10, BodyPartExamined="CHESTABDPELVIS"), lib)
@@ -138,6 +140,7 @@ def test_3d_model_needs_geometry_and_enough_slices():
     assert first(ok) == "ct-cap"
 
 
+@pytest.mark.timeout(60)
 def test_laterality_rejects_the_other_side_and_scores_the_same_side():
     left = card("dx-hand-left", ["DX"], ["HAND"], [HAND], laterality="L")
     right = card("dx-hand-right", ["DX"], ["HAND"], [HAND], laterality="R")
@@ -148,12 +151,14 @@ def test_laterality_rejects_the_other_side_and_scores_the_same_side():
     assert "laterality R" in " ".join(sel.rejected[0].reasons)
 
 
+@pytest.mark.timeout(60)
 def test_unrelated_anatomy_is_rejected_with_the_reason():
     sel = rank(series("CT", BodyPartExamined="KNEE"), models("ct-lung"))
     assert not sel.suitable
     assert "does not match" in " ".join(sel.rejected[0].reasons)
 
 
+@pytest.mark.timeout(60)
 def test_no_anatomy_at_all_is_no_suitable_model():
     sel = rank(series("CT"), models("ct-lung"))
     assert not sel.suitable
@@ -163,6 +168,7 @@ def test_no_anatomy_at_all_is_no_suitable_model():
 # ---------------------------------------------------------------- score rules
 
 
+@pytest.mark.timeout(60)
 def test_anatomy_exact_beats_containing_region():
     lib = models("ct-lung", "ct-cap")
     sel = rank(series(n=60, BodyPartExamined="LUNG"), lib)
@@ -170,12 +176,14 @@ def test_anatomy_exact_beats_containing_region():
     assert rule_points(sel, "ct-lung", "anatomy") > rule_points(sel, "ct-cap", "anatomy") > 0
 
 
+@pytest.mark.timeout(60)
 def test_anatomy_weights_the_more_trusted_header_on_contradiction():
     sel = rank(series("MR", BodyPartExamined="KNEE", SeriesDescription="t2_tse_tra BRAIN"), models("mr-knee", "mr-brain"))
     assert first(sel) == "mr-knee"
     assert {c.name for c in sel.ranked} == {"mr-knee", "mr-brain"}
 
 
+@pytest.mark.timeout(60)
 def test_finding_in_the_request_ranks_the_model_that_targets_it():
     coded = rank(series(BodyPartExamined="CHEST"), models("ct-lung", "ct-ptx"), findings=[PTX[0]])
     assert first(coded) == "ct-ptx"
@@ -190,11 +198,13 @@ def test_finding_in_the_request_ranks_the_model_that_targets_it():
     assert first(seq) == "ct-ptx"
 
 
+@pytest.mark.timeout(60)
 def test_without_a_requested_finding_the_finding_rule_is_neutral():
     sel = rank(series(BodyPartExamined="CHEST"), models("ct-lung", "ct-ptx"))
     assert rule_points(sel, "ct-lung", "finding") == rule_points(sel, "ct-ptx", "finding") == 0
 
 
+@pytest.mark.timeout(60)
 def test_newest_validated_version_wins():
     v1 = card("ct-lung", ["CT"], ["CHEST"], [LUNG], version="1.9.0")
     v2 = card("ct-lung", ["CT"], ["CHEST"], [LUNG], version="1.10.0")
@@ -204,6 +214,7 @@ def test_newest_validated_version_wins():
     assert version_key("1.10.0") > version_key("1.9.0")
 
 
+@pytest.mark.timeout(60)
 def test_site_rules_pin_exclude_and_route():
     lib = models("ct-lung", "ct-ptx")
     pin = SelectionSection(rules=[SiteRule(action="pin", models=["ct-ptx"])])
@@ -218,6 +229,7 @@ def test_site_rules_pin_exclude_and_route():
     assert first(other_ae) == "ct-lung"
 
 
+@pytest.mark.timeout(60)
 def test_ranking_is_deterministic_whatever_the_model_order():
     lib = models()
     ds = series(BodyPartExamined="CHEST", SeriesDescription="Thorax 1.0 B70f")
@@ -228,6 +240,7 @@ def test_ranking_is_deterministic_whatever_the_model_order():
         assert [(c.name, c.score) for c in rank(ds, shuffled).ranked] == want
 
 
+@pytest.mark.timeout(60)
 def test_explanation_names_every_rule():
     sel = rank(series(BodyPartExamined="CHEST"), models("ct-lung"))
     text = sel.explain()
@@ -298,6 +311,7 @@ VARIANTS = [
 ]
 
 
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize(("modality", "headers", "expected"), VARIANTS,
                          ids=[f"{m}-{'-'.join(h.values())[:40]}" for m, h, _ in VARIANTS])
 def test_header_variant(modality, headers, expected):

@@ -15,6 +15,7 @@ The process is the real ``modelnode serve`` (tests/node_proc.py), stopped by its
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -60,6 +61,13 @@ class Service(NodeProcess):
     def stop(self, timeout: float = 60.0) -> int | None:
         # Longer than the default: a stop may wait node.shutdown_timeout for a drain.
         return super().stop(timeout)
+
+    def wait_log(self, text: str, timeout: float = 60) -> None:
+        """Until the node's log has a line with ``text`` (a file has no event: polled)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert time.monotonic() < deadline, f"no {text!r} in the node's log after {timeout} s\n{self.log()[-3000:]}"
+            time.sleep(0.05)
 
     def audit(self, kind: str | None = None) -> list[dict]:
         path = self.data_dir / "audit.jsonl"
@@ -148,7 +156,8 @@ def tls_args(pki: Pki) -> list[str]:
 def test_dcmtk_tls_tools_against_the_node(tmp_path, pki):
     tls_section = {"enabled": True, "certificate": str(pki.server_cert), "private_key": str(pki.server_key),
                    "ca_certificates": str(pki.ca), "require_client_certificate": True}
-    with service(tmp_path / "svc", extra={"tls": tls_section}) as svc:
+    long_timeouts = {"acse_timeout": 600.0, "network_timeout": 600.0}
+    with service(tmp_path / "svc", node=long_timeouts, extra={"tls": tls_section}) as svc:
         port = str(svc.port)
         common = ["-to", "20", "-ta", "20", "-aec", "MODELNODE"]
         run([require("echoscu"), *common, *tls_args(pki), "127.0.0.1", port], timeout=60)
@@ -158,10 +167,12 @@ def test_dcmtk_tls_tools_against_the_node(tmp_path, pki):
         res = run([require("findscu"), "-v", *common, *tls_args(pki), "-S", "-k", "QueryRetrieveLevel=STUDY",
                    "-k", f"StudyInstanceUID={study}", "-k", "ModalitiesInStudy", "127.0.0.1", port], timeout=60)
         assert res.stdout.count("(Pending)") + res.stderr.count("(Pending)") == 1, res.stdout + res.stderr
-        # A plain connection to the TLS port fails cleanly and quickly; the node carries on.
-        t0 = time.monotonic()
-        plain = run([require("echoscu"), *common, "127.0.0.1", port], timeout=60, check=False)
-        assert plain.returncode != 0 and time.monotonic() - t0 < 15
+        # A plain connection to the TLS port fails cleanly, not by a timeout: echoscu would wait
+        # 600 s for an answer and the node (node.*_timeout above) as long, both far beyond run's
+        # 60 s. The node carries on.
+        plain = run([require("echoscu"), "-to", "20", "-ta", "600", "-aec", "MODELNODE", "127.0.0.1", port],
+                    timeout=60, check=False)
+        assert plain.returncode != 0, plain.stdout + plain.stderr
         run([require("echoscu"), *common, *tls_args(pki), "127.0.0.1", port], timeout=60)
         accepted = svc.audit("association-accepted")
         assert accepted and all(e["tls"] in ("TLSv1.2", "TLSv1.3") and e["client_cn"] == "STORESCU" for e in accepted)
@@ -178,18 +189,30 @@ def test_dcmtk_tls_tools_against_the_node(tmp_path, pki):
 
 
 class Sender(threading.Thread):
-    """Sends ``n`` instances on one association; records which were acknowledged."""
+    """Sends ``n`` instances (None: until the association ends) on one association, ``delay``
+    seconds apart; records which were acknowledged. With ``hold_after`` it stops after that many
+    acknowledgements, its association open and idle, until :meth:`resume`."""
 
-    def __init__(self, port: int, n: int, delay: float = 0.0) -> None:
+    def __init__(self, port: int, n: int | None, delay: float = 0.0, hold_after: int | None = None) -> None:
         super().__init__(daemon=True)
-        study, series = generate_uid(), generate_uid()
-        self.datasets = [ct(i + 1, study, series) for i in range(n)]
-        self.port, self.delay = port, delay
+        self.study, self.series = generate_uid(), generate_uid()
+        self.port, self.n, self.delay, self.hold_after = port, n, delay, hold_after
         self.acked: list[str] = []
         self.failed: list[tuple[str, int]] = []
         self.outcome = ""
+        self._progress = threading.Condition()
+        self._done = False
+        self._resume = threading.Event()
 
     def run(self) -> None:
+        try:
+            self._send()
+        finally:
+            with self._progress:
+                self._done = True
+                self._progress.notify_all()
+
+    def _send(self) -> None:
         ae = AE("STORESCU")
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         ae.dimse_timeout = ae.network_timeout = 30
@@ -197,67 +220,76 @@ class Sender(threading.Thread):
         if not assoc.is_established:
             self.outcome = "not established"
             return
-        for ds in self.datasets:
+        for number in range(1, self.n + 1) if self.n is not None else itertools.count(1):
+            ds = ct(number, self.study, self.series)
             try:
                 status = assoc.send_c_store(ds) if assoc.is_established else None
             except RuntimeError:  # ended between the check and the send
                 status = None
             if not status:  # no response: the association is gone; see how it ended
-                deadline = time.monotonic() + 10
-                while not assoc.is_aborted and assoc.is_established and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                assoc.join(30)  # its thread ends once the abort or release is handled
                 self.outcome = "aborted" if assoc.is_aborted else "closed"
                 return
-            if status.Status == 0:
-                self.acked.append(str(ds.SOPInstanceUID))
-            else:
-                self.failed.append((str(ds.SOPInstanceUID), int(status.Status)))
+            with self._progress:
+                if status.Status == 0:
+                    self.acked.append(str(ds.SOPInstanceUID))
+                else:
+                    self.failed.append((str(ds.SOPInstanceUID), int(status.Status)))
+                self._progress.notify_all()
+            if len(self.acked) == self.hold_after:
+                self._resume.wait(120)
             if self.delay:
                 time.sleep(self.delay)
         assoc.release()
         self.outcome = "released"
 
     def wait_for(self, acked: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.acked) < acked and time.monotonic() < deadline and self.is_alive():
-            time.sleep(0.01)
+        with self._progress:
+            self._progress.wait_for(lambda: len(self.acked) >= acked or self._done, timeout)
         assert len(self.acked) >= acked, f"only {len(self.acked)} acknowledged ({self.outcome})"
+
+    def resume(self) -> None:
+        self._resume.set()
 
 
 @pytest.mark.timeout(240)
 def test_sigterm_during_200_instance_store_lets_it_finish(tmp_path):
-    with service(tmp_path / "svc", node={"shutdown_timeout": 60.0}) as svc:
-        sender = Sender(svc.port, 200, delay=0.01)
+    # Timeouts far beyond svc.wait's 120 s: a stop that waited for the drain's timeout, or for a
+    # connection that never sends an A-ASSOCIATE-RQ, fails there instead of finishing late.
+    node = {"shutdown_timeout": 600.0, "acse_timeout": 600.0}
+    with service(tmp_path / "svc", node=node) as svc:
+        sender = Sender(svc.port, 200, delay=0.01, hold_after=20)
         sender.start()
-        sender.wait_for(20)
-        t0 = time.monotonic()
+        sender.wait_for(20)  # and now holds its association open until resumed
         svc.terminate()
-        # Stopped accepting at once: a new association is refused while the old one goes on.
-        time.sleep(0.5)
+        # The listeners are closed before the drain starts: a new association is refused while
+        # the old one (held open) goes on.
+        svc.wait_log("draining: 1 association(s) in progress")
         assert run([require("echoscu"), "-to", "5", "-aec", "MODELNODE", "127.0.0.1", str(svc.port)],
                    timeout=30, check=False).returncode != 0
+        sender.resume()
         sender.join(120)
         assert svc.wait(120) == 0
         assert sender.outcome == "released" and len(sender.acked) == 200 and not sender.failed
         svc.spawn()  # restart on the same data
         assert set(sender.acked) <= svc.sop_uids()
         assert "aborting" not in svc.log()
-        assert time.monotonic() - t0 < 30  # waited for the association, not for idle connections
 
 
 @pytest.mark.timeout(240)
 def test_sigterm_past_the_shutdown_timeout_aborts_cleanly(tmp_path):
     with service(tmp_path / "svc", node={"shutdown_timeout": 1.0}) as svc:
-        sender = Sender(svc.port, 200, delay=0.05)  # about 10 s of sending
+        # A sender that never finishes by itself: the node can only stop by aborting it (one that
+        # waited for the association instead would fail svc.wait below).
+        sender = Sender(svc.port, None, delay=0.05)
         sender.start()
         sender.wait_for(20)
-        t0 = time.monotonic()
         svc.terminate()
         assert svc.wait(60) == 0
-        assert time.monotonic() - t0 < 20
         sender.join(60)
         assert sender.outcome == "aborted", sender.outcome
-        assert 20 <= len(sender.acked) < 200
+        assert len(sender.acked) >= 20
+        assert "shutdown timeout: aborting 1 association(s)" in svc.log()
         svc.spawn()
         assert set(sender.acked) <= svc.sop_uids()
         tmp_dir = svc.data_dir / "tmp"
@@ -308,10 +340,11 @@ def test_full_disk_refuses_with_out_of_resources_and_recovers(tmp_path, small_di
                 fh.write(b"\0" * (64 << 10))
                 fh.flush()
                 os.fsync(fh.fileno())
-        # ... then the node's own instances (128 KiB each) cross it.
+        # ... then the node's own instances (128 KiB each) cross it, each sent once the guard has
+        # read the disk as it is after the one before.
         statuses = []
         for i in range(40):
-            time.sleep(0.6)  # the guard re-reads statvfs at most every 0.5 s
+            guard_reading(svc, small_disk)
             statuses.append(store_one(svc.port, ct(i + 1, study, series, size=256)))
             if statuses[-1] != 0:
                 break
@@ -322,8 +355,8 @@ def test_full_disk_refuses_with_out_of_resources_and_recovers(tmp_path, small_di
         assert res.returncode != 0 and "Refused: OutOfResources" in res.stdout + res.stderr, res.stdout + res.stderr
         # Space comes back (below the low-water mark): storing resumes.
         filler.unlink()
-        time.sleep(0.6)
         assert used_percent(small_disk) < 75
+        assert guard_reading(svc, small_disk)["modelnode_store_accepting"][0][1] == 1
         assert store_one(svc.port, ct(99, study, series)) == 0
         from node.ops import metrics
 
@@ -332,6 +365,27 @@ def test_full_disk_refuses_with_out_of_resources_and_recovers(tmp_path, small_di
         assert refused["disk"] >= 2
         assert samples["modelnode_store_accepting"][0][1] == 1
         assert "refusing C-STORE" in svc.log() and "accepting C-STORE again" in svc.log()
+
+
+def guard_reading(svc: Service, disk: Path, timeout: float = 30) -> dict:
+    """The node's metrics once its disk guard has read ``disk`` as it is now.
+
+    The guard re-reads statvfs when asked (a C-STORE, a scrape) and its last reading is older than
+    its interval (0.5 s); there is no event for a new reading, so the metrics are scraped until
+    the free bytes the guard reports are the free bytes the file system has. A C-STORE sent then
+    is judged on the disk as it is, however slow the machine.
+    """
+    from node.ops import metrics
+
+    url = f"http://127.0.0.1:{svc_metrics_port(svc)}/metrics"
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = metrics.scrape(url)
+        st = os.statvfs(disk)
+        if samples["modelnode_disk_free_bytes"][0][1] == st.f_bavail * st.f_frsize:
+            return samples
+        assert time.monotonic() < deadline, "the node's disk guard never read the disk as it is"
+        time.sleep(0.05)
 
 
 def svc_metrics_port(svc: Service) -> int:

@@ -650,10 +650,11 @@ def test_sigusr1_dumps_thread_stacks_and_the_node_keeps_serving(node):
     import time
 
     os.kill(node.proc.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while " in serve\n" not in node.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    log = node.log()
-    # faulthandler's dump: every thread (the server's too), the main one waiting in serve()
-    assert "Thread 0x" in log and " in serve\n" in log and "in serve_forever" in log
+    # faulthandler writes the dump in many pieces and sends no event: poll the log until all of
+    # it is there (every thread, the server's too, and the main one waiting in serve()).
+    wanted = ("Thread 0x", " in serve\n", "in serve_forever")
+    deadline = time.monotonic() + 30
+    while not all(w in node.log() for w in wanted):
+        assert time.monotonic() < deadline, node.log()[-4000:]
+        time.sleep(0.05)
     assert_serving(node)

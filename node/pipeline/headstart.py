@@ -84,6 +84,10 @@ class HeadStart:
         """
         deadline = time.monotonic() + wait
         with self._lock:
+            if series_uid in self._computing:
+                # Logged under the lock, before wait() releases it: once this line is out, the
+                # computation cannot finish unseen by this job (tests wait on it).
+                log.debug("job for series ...%s waits for the head start in progress", series_uid[-12:])
             while series_uid in self._computing and time.monotonic() < deadline:
                 self._lock.wait(deadline - time.monotonic())
             ahead = self._ready.pop(series_uid, None)
