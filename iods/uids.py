@@ -50,3 +50,17 @@ def valid_uid(value: str) -> bool:
     zeros), and still enough for the node's safety: such a string can never be a path.
     """
     return 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+
+
+_UID_LIKE_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
+
+
+def storable_uid(value: str) -> bool:
+    """An identifier the node stores even though it may not be a valid UID (:func:`valid_uid`).
+
+    Modalities do send malformed UIDs (hexadecimal digits, a UUID's dashes), and a node next to
+    a PACS receives what they send, as Orthanc and dcmtk's storescp do: at most 64 characters of
+    letters, digits, dots, dashes and underscores. Never a path (no slash, backslash, space or
+    control character, no leading dot), and the node never names a file after it anyway.
+    """
+    return 0 < len(value) <= 64 and _UID_LIKE_RE.match(value) is not None and ".." not in value

@@ -389,6 +389,22 @@ def test_duplicate_reject_policy(tmp_path):
 
 @pytest.mark.timeout(60)
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_malformed_but_harmless_uid_is_stored_with_a_warning(node, tmp_path):
+    # Modalities send them (pydicom-data's bad_sequence.dcm: 64 hex digits); Orthanc and
+    # storescp store them, so does the node, and says so.
+    malformed = "e0a4c06f" * 8
+    ds = small_ct(malformed, generate_uid(), generate_uid(), 1)
+    path = tmp_path / "malformed.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    status = pn_store(node, path)
+    assert status is not None and status.Status == 0x0000, status
+    assert instance_row(node, malformed) is not None
+    assert f"C-STORE {malformed} from" in node.log() and "is not a valid UID (PS3.5 9.1)" in node.log()
+    assert_serving(node)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 def test_sop_instance_uid_with_dot_dot_is_refused(node, tmp_path):
     hostile = "1.2.3/../../../../etc/passwd"
     ds = small_ct(hostile, generate_uid(), generate_uid(), 1)

@@ -38,7 +38,7 @@ from typing import Any, BinaryIO
 from pydicom.dataset import Dataset
 
 from iods import model_object
-from iods.uids import valid_uid
+from iods.uids import storable_uid, valid_uid
 from node.context import NodeContext
 from node.dimse.association import assoc_id
 from node.dimse.compat import receive
@@ -143,9 +143,13 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
     rq_uid = str(req.AffectedSOPInstanceUID or "")
     transfer_syntax = str(cx.transfer_syntax)
 
-    # 1. The request itself. A UID is data, never a path, but one that is not a UID is refused.
-    if not valid_uid(rq_uid):
+    # 1. The request itself. A UID is data, never a path: a malformed one that is harmless is
+    # stored with a warning (modalities send them), anything else is refused.
+    if not storable_uid(rq_uid):
         raise StoreRefused(INVALID_SOP_INSTANCE, f"SOP Instance UID {rq_uid[:24]!r} is not a valid UID")
+    if not valid_uid(rq_uid):
+        log.warning("[%s] C-STORE %s from %s: the SOP Instance UID is not a valid UID (PS3.5 9.1); "
+                    "stored as received", assoc_id(event.assoc), rq_uid, calling)
     if rq_class != str(cx.abstract_syntax):
         raise StoreRefused(SOP_CLASS_NOT_SUPPORTED, f"SOP Class {rq_class} sent on a {cx.abstract_syntax} context")
 
@@ -174,7 +178,7 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
             raise StoreRefused(IDENTIFIER_DOES_NOT_MATCH, f"dataset SOP Instance UID {ds_uid[:20] or '(none)'} != request's")
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
             value = index.text(ds, keyword)
-            if not valid_uid(value):
+            if not storable_uid(value):
                 raise StoreRefused(IDENTIFIER_DOES_NOT_MATCH, f"{keyword} {value[:24]!r} is missing or not a UID")
 
         # 3. A model object is verified completely before anything is committed.
