@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -198,3 +199,13 @@ def node_process(workdir: Path, **kw: Any) -> Iterator[NodeProcess]:
         yield node
     finally:
         node.stop()
+
+
+def query(where: NodeProcess | Path, sql: str, *params: object) -> list[tuple]:
+    """Rows from a node's SQLite database (a node, or the database file), opened read-only."""
+    db = where.data_dir / "modelnode.db" if isinstance(where, NodeProcess) else where
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.close()

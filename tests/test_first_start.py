@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_proc import MODELNODE, REPO, NodeProcess, node_process
+from node_proc import MODELNODE, REPO, NodeProcess, node_process, query
 from peers import free_port, require, run, stop, wait_port
 
 from models.training.phantoms import write_ct_series
@@ -35,12 +34,6 @@ REFERENCE_NAMES = {"modelnode-lung-unet", "modelnode-bodypart-cnn"}
 CT_SEED, CT_SLICES = 9001, 24
 
 
-def query(db: Path, sql: str, *params: object) -> list[tuple]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
 
 
 def models_in(data_dir: Path) -> dict[str, str]:

@@ -16,7 +16,6 @@ syntax not supported), and so is a retired class with ``accept_retired_sop_class
 from __future__ import annotations
 
 import re
-import sqlite3
 import subprocess
 import time
 import warnings
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_proc import MODELNODE, REPO, NodeProcess, node_process
+from node_proc import MODELNODE, REPO, NodeProcess, node_process, query
 from peers import PEER_ENV, free_port, orthanc, require, run, stop, wait_port
 from pydicom.data import data_manager
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -97,12 +96,6 @@ def stored(outcomes: dict[str, str]) -> set[str]:
     return {f for f, o in outcomes.items() if o.startswith(("(Success", "(Warning"))}
 
 
-def query(node: NodeProcess, sql: str, *params: object) -> list[tuple]:
-    con = sqlite3.connect(f"file:{node.data_dir / 'modelnode.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
 
 
 def private_dataset() -> Dataset:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import sqlite3
 import struct
 import subprocess
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_proc import NodeProcess, node_process
+from node_proc import NodeProcess, node_process, query
 from peers import free_port, require, run
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -75,12 +74,6 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def query(node: NodeProcess, sql: str, *params: object) -> list[tuple]:
-    con = sqlite3.connect(f"file:{node.data_dir / 'modelnode.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
 
 
 def instance_row(node: NodeProcess, sop_uid: str) -> dict | None:
