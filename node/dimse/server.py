@@ -53,15 +53,9 @@ from node.storage.db import _redact
 
 log = logging.getLogger("modelnode.server")
 
-# Transfer syntaxes accepted for storage. When a context proposes several, the requestor's
-# order decides (compat.contexts.prefer_requestor_syntaxes), so the list only says what is acceptable.
-STORAGE_TRANSFER_SYNTAXES = syntaxes.STORAGE
-QUERY_TRANSFER_SYNTAXES = syntaxes.QUERY
-
 FIND_CLASSES = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
 MOVE_CLASSES = (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove)
 GET_CLASSES = (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet)
-
 
 
 def _peer_desc(assoc: Any) -> str:
@@ -102,19 +96,21 @@ class Node:
         ae.network_timeout = n.network_timeout
         ae.require_called_aet = n.require_called_ae
 
-        ae.add_supported_context(Verification, QUERY_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, syntaxes.QUERY)
         st = self.config.storage
         for sop_class in sop_classes.storage_sop_classes(retired=st.accept_retired_sop_classes):
             sop_classes.serve_as_storage(sop_class)
-            # scu_role/scp_role: accept what a C-GET requestor proposes for the sub-operations.
-            ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+            # scu_role/scp_role: accept what a C-GET requestor proposes for the sub-operations. When
+            # a context proposes several syntaxes the requestor's order decides
+            # (compat.contexts.prefer_requestor_syntaxes): the list only says what is acceptable.
+            ae.add_supported_context(sop_class, syntaxes.STORAGE, scu_role=True, scp_role=True)
 
         for sop_class in (*FIND_CLASSES, *MOVE_CLASSES, *GET_CLASSES):
-            ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
+            ae.add_supported_context(sop_class, syntaxes.QUERY)
         # Known to the negotiation, so never taken for unknown: the retired classes when they
         # are off, too (pydicom knows them).
-        self._unknown = (sop_classes.UnknownStorage({str(cx.abstract_syntax) for cx in ae.supported_contexts},
-                                        STORAGE_TRANSFER_SYNTAXES)
+        known = {str(cx.abstract_syntax) for cx in ae.supported_contexts}
+        self._unknown = (sop_classes.UnknownStorage(known, syntaxes.STORAGE)
                          if st.accept_unknown_sop_classes else None)
         return ae
 
@@ -148,9 +144,8 @@ class Node:
 
     def _on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
-        contexts = len(assoc.accepted_contexts)
         log.info("[%s] association accepted from %s (%d context(s), max PDU %s)",
-                 assoc_id(assoc), _peer_desc(assoc), contexts, assoc.requestor.maximum_length)
+                 assoc_id(assoc), _peer_desc(assoc), len(assoc.accepted_contexts), assoc.requestor.maximum_length)
 
     def _on_rejected(self, event: evt.Event) -> None:
         log.info("[%s] association rejected from %s", assoc_id(event.assoc), _peer_desc(event.assoc))
@@ -241,7 +236,6 @@ class Node:
         receive.spares.clear()
         self.app.close()
         log.info("stopped")
-
 
     def _drain(self, timeout: float) -> None:
         """Let associations in progress finish for up to ``timeout`` seconds."""

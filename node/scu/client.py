@@ -58,10 +58,11 @@ from iods.uids import RAW_DATA_STORAGE
 from node.dimse.levels import UNIQUE_KEYS
 from node.dimse.status import SUCCESS as STATUS_SUCCESS
 from node.dimse.status import category as status_category
-from node.scu.receiver import RECEIVE_TRANSFER_SYNTAXES, Receiver, start_receiver, stop_receiver
+from node.dimse.syntaxes import STORAGE as STORAGE_SYNTAXES
+from node.dimse.syntaxes import UNCOMPRESSED
+from node.scu.receiver import Receiver, start_receiver, stop_receiver
 from node.scu.send import (
     MAX_CONTEXTS,
-    UNCOMPRESSED,
     FileInfo,
     SendRefused,
     file_info,
@@ -520,7 +521,7 @@ def get_contexts(sop_classes: Iterable[str], model: str) -> tuple[list[Presentat
         classes = [str(RAW_DATA_STORAGE)] + [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
     roles = []
     budget = MAX_CONTEXTS - 1
-    per_class = max(1, min(len(RECEIVE_TRANSFER_SYNTAXES), budget // max(1, len(classes))))
+    per_class = max(1, min(len(STORAGE_SYNTAXES), budget // max(1, len(classes))))
     for sop in classes:
         if budget <= 0:
             break
@@ -528,7 +529,7 @@ def get_contexts(sop_classes: Iterable[str], model: str) -> tuple[list[Presentat
             syntaxes = [[ExplicitVRLittleEndian]]
         elif per_class >= 2:
             # The uncompressed pair first, then one context per compressed syntax the budget allows.
-            syntaxes = [list(UNCOMPRESSED)] + [[t] for t in RECEIVE_TRANSFER_SYNTAXES[2:2 + per_class - 1]]
+            syntaxes = [list(UNCOMPRESSED)] + [[t] for t in STORAGE_SYNTAXES[2:2 + per_class - 1]]
         else:
             syntaxes = [list(UNCOMPRESSED)]
         for ts in syntaxes:

@@ -17,7 +17,6 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import StoragePresentationContexts
@@ -32,7 +31,6 @@ log = logging.getLogger("modelnode.scu")
 
 # What a C-GET requestor or a C-MOVE receiver accepts, one presentation context each, so the
 # sender can keep a compressed file compressed.
-RECEIVE_TRANSFER_SYNTAXES = syntaxes.STORAGE
 
 # How long the associations of the C-MOVE receiver (fetch's receive_port) get to end by themselves
 # once the C-MOVE is over, before they are cut (node.dimse.compat.client.stop_server). A peer releases its
@@ -106,7 +104,7 @@ def start_receiver(ae_title: str, address: tuple[str, int], receiver: Receiver, 
     ae.dimse_timeout = options.dimse_timeout
     classes = [str(RAW_DATA_STORAGE)] + [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
     for sop in dict.fromkeys(classes):
-        ae.add_supported_context(sop, RECEIVE_TRANSFER_SYNTAXES if sop != RAW_DATA_STORAGE else [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_supported_context(sop, syntaxes.STORAGE if sop != RAW_DATA_STORAGE else list(syntaxes.UNCOMPRESSED))
     return ae.start_server(address, block=False, ssl_context=ssl_context,
                            evt_handlers=[(evt.EVT_C_STORE, receiver.handle_store), (evt.EVT_CONN_OPEN, compat_client.daemon_dul)])
 

@@ -38,13 +38,12 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import PresentationContext, build_context
 
-from node.dimse import syntaxes
 from node.dimse.compat import client as compat_client
+from node.dimse.syntaxes import UNCOMPRESSED
 
 log = logging.getLogger("modelnode.scu")
 
 
-UNCOMPRESSED = syntaxes.UNCOMPRESSED
 MAX_CONTEXTS = 128  # PS3.8: presentation context IDs are odd numbers 1-255
 
 
