@@ -36,6 +36,10 @@ DTYPES = {"float32", "float16", "uint8", "int16"}
 PHOTOMETRICS = {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "PALETTE COLOR"}
 LATERALITIES = {"L", "R", "B", "U"}
 ACTIVATIONS = {"sigmoid", "softmax", "none"}
+OUTPUTS = {"probabilities", "logits"}
+BLENDINGS = {"gaussian", "constant"}
+# nibabel/MONAI axis codes: each letter names the direction an axis *increases* towards.
+_AXIS_PAIRS = ("LR", "PA", "IS")
 
 
 class CardError(ValueError):
@@ -93,7 +97,19 @@ class OutputClass:
 class Task:
     type: str
     classes: tuple[OutputClass, ...]
+    # With output "probabilities": what the graph already applied. With "logits": what the
+    # node applies (sigmoid per class; softmax over exclusive classes).
     activation: str = "sigmoid"
+    output: str = "probabilities"
+    # Mutually exclusive classes: the graph has 1 + len(classes) channels, channel 0 is the
+    # background (no segment), and each voxel gets the argmax. False: independent classes,
+    # one channel each, thresholded (sigmoid).
+    exclusive: bool = False
+
+    @property
+    def channels(self) -> int:
+        """Output channels the graph has."""
+        return len(self.classes) + (1 if self.exclusive else 0)
 
 
 @dataclass(frozen=True)
@@ -116,6 +132,18 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class SlidingWindow:
+    """Patch-based inference: windows of ``size`` (network axes), ``overlap`` of their size,
+    blended with ``blending`` weights (MONAI ``sliding_window_inference`` semantics)."""
+
+    size: tuple[int, ...]
+    overlap: float = 0.25
+    blending: str = "gaussian"  # gaussian | constant
+    sigma_scale: float = 0.125  # Gaussian sigma as a fraction of the window size
+    batch: int = 1  # windows per Run()
+
+
+@dataclass(frozen=True)
 class Input:
     layout: str  # "2d" (slice by slice) or "3d" (volume)
     channels: int
@@ -124,6 +152,12 @@ class Input:
     min_slices: int = 1
     photometric: tuple[str, ...] = ("MONOCHROME2", "MONOCHROME1")
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    # "" keeps the acquisition grid ([slice, row, column], slices ordered along the normal);
+    # else three letters (3d), e.g. "RAS" for NIfTI/MONAI-trained networks, "LPS" for DICOM.
+    orientation: str = ""
+    # The network's spatial sizes must be multiples of these (pad, run, crop); None: any size.
+    size_divisor: tuple[int, ...] | None = None
+    sliding_window: SlidingWindow | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +186,8 @@ class ModelCard:
 
     @property
     def output_count(self) -> int:
-        return len(self.task.classes)
+        """Output channels of the graph (exclusive classes add the background channel)."""
+        return self.task.channels
 
 
 def _strip_none(obj: Any) -> Any:
@@ -334,8 +369,19 @@ def _task(r: _Reader) -> Task:
         c.finish()
     if not classes:
         raise CardError(r.sub("classes"), "must hold at least one output class")
-    activation = _choice(r, "activation", ACTIVATIONS, "sigmoid" if task_type == "segmentation" else "softmax")
-    out = Task(task_type, tuple(classes), activation)
+    exclusive = r.get("exclusive", False, kind=bool)
+    if exclusive and task_type != "segmentation":
+        raise CardError(r.sub("exclusive"), "only segmentation classes can be exclusive "
+                        "(classification classes are scored with softmax already)")
+    default_activation = "sigmoid" if task_type == "segmentation" and not exclusive else "softmax"
+    activation = _choice(r, "activation", ACTIVATIONS, default_activation)
+    if exclusive and activation == "sigmoid":
+        raise CardError(r.sub("activation"), "exclusive classes take softmax (or none), not sigmoid")
+    output = _choice(r, "output", OUTPUTS, "probabilities")
+    if output == "logits" and activation == "none":
+        raise CardError(r.sub("activation"), "logits need an activation the node applies "
+                        "(sigmoid for independent classes, softmax for exclusive ones)")
+    out = Task(task_type, tuple(classes), activation, output, exclusive)
     r.finish()
     return out
 
@@ -417,6 +463,27 @@ def _input(r: _Reader) -> Input:
     for i, p in enumerate(photometric):
         if p not in PHOTOMETRICS:
             raise CardError(f"{r.sub('photometric')}[{i}]", f"unknown photometric interpretation {p!r}")
+    spatial = len(size)
+    orientation = r.text("orientation", "")
+    if orientation:
+        orientation = orientation.upper()
+        pairs = sorted(next((i for i, p in enumerate(_AXIS_PAIRS) if ch in p), -1) for ch in orientation)
+        if layout != "3d":
+            raise CardError(r.sub("orientation"), "applies to 3d inputs only (2d models take slices as acquired)")
+        if len(orientation) != 3 or pairs != [0, 1, 2]:
+            raise CardError(r.sub("orientation"), "must be three axis codes, one of L/R, one of P/A and one "
+                            f"of I/S, in the network's axis order (e.g. 'RAS' or 'LPS'), got {orientation!r}")
+    divisor = None
+    if "size_divisor" in r.data:
+        raw = r.get("size_divisor", kind=(int, list))
+        divisor = (raw,) * spatial if isinstance(raw, int) else raw
+        if len(divisor) != spatial or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in divisor):
+            raise CardError(r.sub("size_divisor"), f"must be a positive integer or {spatial} of them, got {raw!r}")
+        divisor = tuple(divisor)
+        for axis, (s, d) in enumerate(zip(size, divisor, strict=True)):
+            if s is not None and s % d:
+                raise CardError(r.sub("size_divisor"), f"input.size[{axis}] = {s} is not a multiple of {d}")
+    window = _sliding_window(r.table("sliding_window", None), size, divisor)
     out = Input(
         layout=layout,
         channels=channels,
@@ -425,8 +492,44 @@ def _input(r: _Reader) -> Input:
         min_slices=min_slices,
         photometric=tuple(photometric),
         preprocessing=_preprocessing(r.table("preprocessing", None)),
+        orientation=orientation,
+        size_divisor=divisor,
+        sliding_window=window,
     )
+    if window is not None and out.preprocessing.resample_size is not None:
+        raise CardError(r.sub("preprocessing.resample_size"), "a sliding window runs at full size or at "
+                        "resample_spacing; a fixed resample_size and a window exclude each other")
     r.finish()
+    return out
+
+
+def _sliding_window(w: _Reader | None, size: tuple, divisor: tuple[int, ...] | None) -> SlidingWindow | None:
+    if w is None:
+        return None
+    spatial = len(size)
+    if "size" in w.data or any(s is None for s in size):
+        wsize = _positive_ints(w, "size")
+    else:
+        wsize = tuple(size)
+    if len(wsize) != spatial:
+        raise CardError(w.sub("size"), f"needs {spatial} spatial sizes (network axis order), got {len(wsize)}")
+    for axis, (ws, s) in enumerate(zip(wsize, size, strict=True)):
+        if s is not None and ws != s:
+            raise CardError(w.sub("size"), f"axis {axis}: the window is {ws} but the graph's input is fixed at {s}")
+        if divisor is not None and ws % divisor[axis]:
+            raise CardError(w.sub("size"), f"axis {axis}: {ws} is not a multiple of input.size_divisor {divisor[axis]}")
+    overlap = w.number("overlap", 0.25)
+    if not 0.0 <= overlap < 1.0:
+        raise CardError(w.sub("overlap"), f"must lie in [0, 1), got {overlap}")
+    sigma = w.number("sigma_scale", 0.125)
+    if sigma <= 0:
+        raise CardError(w.sub("sigma_scale"), "must be positive")
+    batch = w.get("batch", 1, kind=int)
+    if batch < 1:
+        raise CardError(w.sub("batch"), "must be at least 1")
+    out = SlidingWindow(size=wsize, overlap=overlap, blending=_choice(w, "blending", BLENDINGS, "gaussian"),
+                        sigma_scale=sigma, batch=batch)
+    w.finish()
     return out
 
 

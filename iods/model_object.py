@@ -757,7 +757,8 @@ def _check_signature(inputs: list, outputs: list, card: ModelCard) -> None:
         if len(odims) != rank:
             raise ShapeMismatch(f"segmentation output '{out.name}' has rank {len(odims)}; expected {rank}")
         if odims[1] is not None and odims[1] != k:
-            raise ShapeMismatch(f"segmentation output '{out.name}' has {odims[1]} channels, card has {k} classes")
+            detail = f"{k - 1} exclusive classes + background" if card.task.exclusive else f"{k} classes"
+            raise ShapeMismatch(f"segmentation output '{out.name}' has {odims[1]} channels, card has {detail}")
     else:
         if len(odims) != 2:
             raise ShapeMismatch(f"classification output '{out.name}' has rank {len(odims)}; expected 2 (N, classes)")

@@ -209,6 +209,7 @@ def build_segmentation(
     station_name: str = DEFAULT_STATION_NAME,
     series_number: int | None = None,
     content_datetime: _dt.datetime | None = None,
+    segmentation_type: str = "BINARY",
 ) -> hd.seg.Segmentation:
     """A BINARY DICOM SEG of ``masks`` on ``source_images``, one segment per card class.
 

@@ -68,13 +68,18 @@ def predict_classification(datasets: Sequence[Dataset], card: ModelCard, loaded:
 
 
 def infer(datasets: Sequence[Dataset], card: ModelCard, model_uid: str, loaded: LoadedModel, *,
-          batch_size: int = 16, station_name: str = "MODELNODE") -> tuple[Dataset, dict[str, float]]:
-    """Run ``loaded`` (the session of ``model_uid``) on a series; returns (result object, timings)."""
+          batch_size: int = 16, station_name: str = "MODELNODE",
+          segmentation_type: str = "BINARY") -> tuple[Dataset, dict[str, float]]:
+    """Run ``loaded`` (the session of ``model_uid``) on a series; returns (result object, timings).
+
+    ``segmentation_type``: BINARY or LABELMAP, how a segmentation result is encoded.
+    """
     timings: dict[str, float] = {}
     if card.task.type == "segmentation":
         sources, masks = predict_segmentation(datasets, card, loaded, batch_size=batch_size, timings=timings)
         t = time.perf_counter()
-        result = build_segmentation(sources, masks, card, model_uid, station_name=station_name)
+        result = build_segmentation(sources, masks, card, model_uid, station_name=station_name,
+                                    segmentation_type=segmentation_type)
     else:
         probs = predict_classification(datasets, card, loaded, timings=timings)
         t = time.perf_counter()
