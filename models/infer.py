@@ -20,20 +20,76 @@ from pydicom.dataset import Dataset
 
 from iods.card import ModelCard
 from iods.results import build_classification_sr, build_segmentation
-from models import preprocess
+from models import geometry, preprocess
+from models.geometry import Reorientation, reorientation
 from models.runtime import LoadedModel
-from models.volume import load_volume
+from models.volume import Volume, VolumeError, load_volume
+from models.window import sliding_window
+
+
+class InputError(VolumeError):
+    """The series does not fit the model's card (channels, slices, geometry): the job fails
+    with this message and is not retried."""
 
 
 def predict_segmentation(datasets: Sequence[Dataset], card: ModelCard, loaded: LoadedModel, *,
-                         batch_size: int = 16, timings: dict[str, float] | None = None
-                         ) -> tuple[list[Dataset], np.ndarray]:
-    """(source slices in mask order, bool masks [slices, rows, cols, classes])."""
+                         batch_size: int = 16, timings: dict[str, float] | None = None,
+                         window_batch: int = 0) -> tuple[list[Dataset], np.ndarray]:
+    """(source instances, result) for a segmentation card.
+
+    The result is on the source grid, in the order ``build_segmentation`` takes (slices as
+    sorted here, or the frames of one multi-frame instance in frame order): bool masks
+    [planes, rows, cols, classes] for independent classes, or a label map [planes, rows, cols]
+    (0 background, ``i`` the card's ``i``-th class) for exclusive ones.
+    """
     timings = timings if timings is not None else {}
     pp = card.input.preprocessing
     t = time.perf_counter()
     vol = load_volume(datasets, rescale=pp.rescale)
     timings["decode"] = time.perf_counter() - t
+    _check_fits(vol, card)
+    if _classic(card):
+        result = _predict_classic(vol, card, loaded, batch_size, timings)
+    else:
+        result = _predict_volume(vol, card, loaded, timings, window_batch)
+    sources = vol.sources
+    if len(sources) == 1 and len(vol.datasets) > 1:
+        # One multi-frame image: planes were sorted by position, the SEG follows frame order.
+        order = np.argsort(np.asarray(vol.frame_numbers))
+        result = np.ascontiguousarray(result[order])
+        return sources, result
+    return vol.datasets, result
+
+
+def _classic(card: ModelCard) -> bool:
+    """Cards that use none of the volumetric keys run the original path (its speed and output
+    are what the shipped 2D models were validated with)."""
+    spec, task = card.input, card.task
+    return (spec.sliding_window is None and not spec.orientation and spec.size_divisor is None
+            and not task.exclusive and task.output == "probabilities")
+
+
+def _check_fits(vol: Volume, card: ModelCard) -> None:
+    """Refuse, with the reason, a volume the card's model cannot take."""
+    spec = card.input
+    samples = 1 if vol.pixels.ndim == 3 else vol.pixels.shape[-1]
+    if samples != spec.channels:
+        raise InputError(f"the series has {samples} sample(s) per pixel; model {card.identity.name!r} takes "
+                         f"{spec.channels} channel(s)")
+    if len(vol.datasets) < spec.min_slices:
+        raise InputError(f"the series has {len(vol.datasets)} slice(s); model {card.identity.name!r} needs at "
+                         f"least {spec.min_slices}")
+    if spec.orientation and vol.directions is None:
+        raise InputError(f"model {card.identity.name!r} is oriented {spec.orientation} but the series has no "
+                         "patient geometry (ImageOrientationPatient and ImagePositionPatient on every slice)")
+    if spec.layout == "3d" and spec.preprocessing.resample_spacing is not None and not vol.has_spacing:
+        raise InputError(f"model {card.identity.name!r} resamples to {list(spec.preprocessing.resample_spacing)} mm "
+                         "but the series has no PixelSpacing")
+
+
+def _predict_classic(vol: Volume, card: ModelCard, loaded: LoadedModel, batch_size: int,
+                     timings: dict[str, float]) -> np.ndarray:
+    pp = card.input.preprocessing
     t = time.perf_counter()
     x = preprocess.prepare(vol.pixels, pp, photometric=vol.photometric,
                            value_range=preprocess.value_range(vol.datasets[0], rescale=pp.rescale),
@@ -50,7 +106,106 @@ def predict_segmentation(datasets: Sequence[Dataset], card: ModelCard, loaded: L
         # [1, K, D, H, W] -> [D, K, H, W]
         masks = preprocess.to_masks(probs, thresholds, size=vol.pixels.shape[0:3])[0].transpose(1, 0, 2, 3)
     timings["postprocess"] = time.perf_counter() - t
-    return vol.datasets, np.ascontiguousarray(masks.transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(masks.transpose(0, 2, 3, 1))
+
+
+class _Collector:
+    """Keeps the decision per voxel of blended outputs: labels (exclusive classes) or masks."""
+
+    def __init__(self, card: ModelCard, shape: Sequence[int]) -> None:
+        task = card.task
+        self.exclusive = task.exclusive
+        k = task.channels
+        if self.exclusive:
+            self.out = np.zeros(tuple(shape), np.uint8 if k <= 256 else np.uint16)
+        else:
+            self.out = np.zeros((len(task.classes), *shape), bool)
+            t = np.asarray([c.threshold for c in task.classes], np.float64)
+            if task.output == "logits":
+                # sigmoid(x) > t  <=>  x > logit(t): the threshold moves, the outputs stay as they are.
+                with np.errstate(divide="ignore"):
+                    t = np.log(t) - np.log1p(-t)
+            self.thresholds = t.astype(np.float32).reshape((-1,) + (1,) * len(shape))
+
+    def __call__(self, lo: int, hi: int, summed: np.ndarray, weights: np.ndarray | None) -> None:
+        if self.exclusive:
+            # Weights are positive and the same for every class: the argmax needs no division.
+            self.out[lo:hi] = summed.argmax(axis=0)
+        else:
+            values = summed / weights if weights is not None else summed
+            self.out[:, lo:hi] = values > self.thresholds
+
+
+def _predict_volume(vol: Volume, card: ModelCard, loaded: LoadedModel, timings: dict[str, float],
+                    window_batch: int) -> np.ndarray:
+    spec = card.input
+    pp = spec.preprocessing
+    t = time.perf_counter()
+    value_range = preprocess.value_range(vol.datasets[0], rescale=pp.rescale)
+    if spec.layout == "2d":
+        result = _predict_slices(vol, card, loaded, value_range, timings, window_batch)
+        timings["model_and_blend"] = time.perf_counter() - t
+        return result
+    x = preprocess.apply_intensity(vol.pixels, pp, photometric=vol.photometric, value_range=value_range, layout="3d")
+    reo = reorientation(vol.directions, spec.orientation) if spec.orientation else Reorientation()
+    x = reo.forward(x)
+    grid = x.shape  # network axes at the source's resolution
+    size = preprocess.target_size(grid, pp, reo.spacing(vol.spacing))
+    if size is not None and tuple(size) != tuple(grid):
+        x = preprocess.resize(x, size)
+    x = np.ascontiguousarray(x, np.float32)[np.newaxis]  # [C=1, *spatial]
+    timings["preprocess"] = time.perf_counter() - t
+    t = time.perf_counter()
+    out = _run_spatial(x, card, loaded, window_batch)
+    timings["model_and_blend"] = time.perf_counter() - t
+    t = time.perf_counter()
+    # Back to the source grid: labels (or masks) by nearest neighbour, then the axes undone.
+    out = geometry.nearest_resize(out, grid)
+    out = np.ascontiguousarray(reo.inverse(out))
+    if not card.task.exclusive:
+        out = np.ascontiguousarray(np.moveaxis(out, 0, -1))  # [K, D, H, W] -> [D, H, W, K]
+    timings["postprocess"] = time.perf_counter() - t
+    return out
+
+
+def _run_spatial(x: np.ndarray, card: ModelCard, loaded: LoadedModel, window_batch: int) -> np.ndarray:
+    """x [C, *spatial] on the network grid -> labels [*spatial] or masks [K, *spatial]."""
+    spec = card.input
+    spatial = x.shape[1:]
+    collect = _Collector(card, spatial)
+    sw = spec.sliding_window
+    if sw is not None:
+        sliding_window(x, sw.size, loaded.run, collect, overlap=sw.overlap, blending=sw.blending,
+                       sigma_scale=sw.sigma_scale, batch=window_batch or sw.batch)
+        return collect.out
+    pads = geometry.divisible_padding(spatial, spec.size_divisor) if spec.size_divisor else [(0, 0)] * len(spatial)
+    if any(p != (0, 0) for p in pads):
+        x = np.pad(x, [(0, 0), *pads])
+    y = loaded.run(np.ascontiguousarray(x[np.newaxis], np.float32))[0]
+    inner = tuple(slice(a, a + n) for (a, _), n in zip(pads, spatial, strict=True))
+    y = y[(slice(None), *inner)]
+    collect(0, spatial[0], y, None)
+    return collect.out
+
+
+def _predict_slices(vol: Volume, card: ModelCard, loaded: LoadedModel, value_range: tuple[float, float],
+                    timings: dict[str, float], window_batch: int) -> np.ndarray:
+    """2D models with the volumetric keys (window, exclusive classes, logits): slice by slice."""
+    pp = card.input.preprocessing
+    rows, cols = vol.pixels.shape[1:3]
+    k = len(card.task.classes)
+    exclusive = card.task.exclusive
+    out = (np.zeros((len(vol.pixels), rows, cols), np.uint8 if card.task.channels <= 256 else np.uint16)
+           if exclusive else np.zeros((len(vol.pixels), rows, cols, k), bool))
+    for i, plane in enumerate(vol.pixels):
+        x = preprocess.apply_intensity(plane, pp, photometric=vol.photometric, value_range=value_range, layout="2d")
+        size = preprocess.target_size(x.shape, pp, vol.spacing[1:])
+        if size is not None and tuple(size) != x.shape:
+            x = preprocess.resize(x, size)
+        y = _run_spatial(np.ascontiguousarray(x[np.newaxis], np.float32), card, loaded, window_batch)
+        y = geometry.nearest_resize(y, (rows, cols))
+        out[i] = y if exclusive else np.moveaxis(y, 0, -1)
+    return out
 
 
 def predict_classification(datasets: Sequence[Dataset], card: ModelCard, loaded: LoadedModel, *,

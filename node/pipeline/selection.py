@@ -38,6 +38,7 @@ from pydicom.dataset import Dataset
 
 from iods import anatomy
 from iods.card import Code, ModelCard
+from models.volume import has_slice_geometry
 from node.config import SelectionSection, SiteRule
 
 ANATOMY_POINTS = 60.0
@@ -98,7 +99,7 @@ class SeriesFacts:
                 matches[m.region.code] = m
         ordered = tuple(sorted(matches.values(), key=lambda m: (-m.confidence, m.region.code)))
         frames = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets)
-        volumetric = all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for ds in datasets)
+        volumetric = has_slice_geometry(datasets)
         coded = list(findings)
         for keyword in ("ReasonForRequestedProcedureCodeSequence", "RequestedProcedureCodeSequence"):
             for item in first.get(keyword, []) or []:
@@ -123,7 +124,7 @@ class SeriesFacts:
             samples_per_pixel=int(first.get("SamplesPerPixel", 1) or 1),
             photometric=str(first.get("PhotometricInterpretation", "") or ""),
             has_pixels=any("PixelData" in ds or "FloatPixelData" in ds for ds in datasets),
-            volumetric=volumetric and len(datasets) > 1,
+            volumetric=volumetric,
             laterality=laterality if laterality in ("L", "R", "B") else "",
             called_ae=called_ae,
         )
