@@ -56,8 +56,11 @@ __all__ = [
     "Nodule",
     "Radiograph",
     "ct_chest_params",
+    "CT_LABELS",
     "ct_chest_volume",
     "ct_chest_slices",
+    "ct_label_map",
+    "ct_labels",
     "ct_truth",
     "radiograph",
     "write_ct_series",
@@ -68,6 +71,8 @@ __all__ = [
 GENERATOR_VERSION = "modelnode-phantoms 1.0"
 MANUFACTURER = "MODELNODE PHANTOMS"
 RADIOGRAPH_LABELS = ("head", "chest", "abdomen", "pelvis", "limb")
+# Exclusive chest CT labels (ct_labels): value i + 1 is CT_LABELS[i], 0 is background.
+CT_LABELS = ("left_lung", "right_lung", "heart")
 HU_MIN, HU_MAX = -1024, 3071
 # Stored CT values are unsigned 12-bit with this intercept, as many scanners write them.
 CT_INTERCEPT = -1024.0
@@ -391,24 +396,47 @@ def _lung_geometry(p: CTParams, z: float) -> list[tuple[float, float, float, flo
 
 def _lung_inside(p: CTParams, x: np.ndarray, y: np.ndarray, z: float) -> np.ndarray:
     """Lung membership (body-frame mm) at one height; the single source of the lung truth."""
+    right, left = _lung_sides(p, x, y, z)
+    return right | left
+
+
+def _lung_sides(p: CTParams, x: np.ndarray, y: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
+    """(right lung, left lung) at one height: :func:`_lung_inside` split by the lung a voxel is in.
+
+    Each lung is its own outline, so the split follows the anatomy even where a lung reaches
+    across the body's midline. Where the two outlines overlap (they do not for the drawn
+    parameters; kept exact all the same), the voxel goes to the lung whose outline it lies
+    deeper inside.
+    """
     t = z / p.lung_height
-    inside = np.zeros(np.broadcast(x, y).shape, bool)
+    shape = np.broadcast(x, y).shape
     if not 0.0 <= t < 1.0:
-        return inside
+        return np.zeros(shape, bool), np.zeros(shape, bool)
     _, _, A, B, fat, expo = p.body
     cav_a, cav_b = A - fat - p.muscle, B - fat - p.muscle
     cavity = _ellipse(x, y, 0, 0, cav_a - 3, cav_b - 3, expo)
-    for i, (cx, cy, a, b) in enumerate(_lung_geometry(p, z)):
+    # Mediastinal structures, each with a margin of pleura and fat.
+    solid = np.zeros(shape, bool)
+    for mask in _solid_structures(p, x, y, z, margin=3.0).values():
+        solid |= mask
+    sides = []
+    geometry = _lung_geometry(p, z)
+    for i, (cx, cy, a, b) in enumerate(geometry):
         lung = _ellipse(x, y, cx, cy, a, b, 2.3) & cavity
         d = p.dome[i]
         if t < d:
             r = math.sqrt(max(0.0, 1 - (t / d) ** 2))
             lung &= ~_ellipse(x, y, cx * 0.92, cy - 0.22 * b, p.lungs[i][2] * 1.05 * r, p.lungs[i][3] * 0.95 * r)
-        inside |= lung
-    # Mediastinal structures, each with a margin of pleura and fat.
-    for mask in _solid_structures(p, x, y, z, margin=3.0).values():
-        inside &= ~mask
-    return inside
+        sides.append(lung & ~solid)
+    right, left = sides
+    both = right & left
+    if both.any():
+        xx, yy = np.broadcast_arrays(x, y)
+        depth = [np.abs((xx[both] - cx) / a) ** 2.3 + np.abs((yy[both] - cy) / b) ** 2.3 for cx, cy, a, b in geometry]
+        to_left = depth[1] < depth[0]
+        right[both] = ~to_left
+        left[both] = to_left
+    return right, left
 
 
 def _spine_y(p: CTParams) -> float:
@@ -663,6 +691,80 @@ def ct_chest_volume(
     for k, img, lm, nm in ct_chest_slices(p):
         hu[k], lung[k], nod[k] = img, lm, nm
     return CTVolume(hu, p.spacing, lung, nod)
+
+
+def _heart_visible(p: CTParams, x: np.ndarray, y: np.ndarray, z: float) -> np.ndarray:
+    """The heart as :func:`_render_slice` leaves it: its outline within the cavity, less what is
+    painted over it later (great vessels and airways, which are as dense as the heart and told
+    apart only by shape, and the bones). Lungs, their vessels and nodules keep 3 mm off it."""
+    t = z / p.lung_height
+    shape = np.broadcast(x, y).shape
+    if not -0.3 < t < 0.6:
+        return np.zeros(shape, bool)
+    _, _, A, B, fat, expo = p.body
+    neck = float(np.clip((t - 1.05) / 0.25, 0, 1))
+    A_z, B_z = A * (1 - 0.45 * neck), B * (1 - 0.2 * neck)
+    cav_a, cav_b = A_z - fat - p.muscle, B_z - fat - p.muscle
+    inner = _ellipse(x, y, 0, 0, A_z - fat, B_z - fat, expo)
+    solid = _solid_structures(p, x, y, z)
+    heart = solid["heart"] & _ellipse(x, y, 0, 0, cav_a, cav_b, expo)
+    for name in ("aorta", "ascending", "arch", "airway"):
+        if name in solid:
+            heart &= ~solid[name]
+    # Bones, in the order and with the outlines _render_slice paints them.
+    spine_y = _spine_y(p)
+    canal_y = spine_y + p.spine_r + 7
+    heart &= ~_ellipse(x, y, 0, spine_y, p.spine_r + 3, p.spine_r)
+    heart &= ~(_ellipse(x, y, 0, canal_y + 6, 7, 13) & inner)
+    heart &= ~_ellipse(x, y, 0, canal_y, 8, 7)
+    heart &= ~(_ellipse(x, y, 0, canal_y + 17, 4, 10) & inner)
+    if 0.1 < t < 0.85:
+        heart &= ~_ellipse(x, y, 0, -cav_b - p.muscle * 0.4, 13, 6)
+    phase = (z / 22.0 + p.rib_phase) % 1.0
+    for side in (-1, 1):
+        for j in range(5):
+            ang = math.radians(35 + j * 28 + phase * 24)
+            rx = side * (cav_a + p.muscle * 0.35) * math.sin(ang)
+            ry = -(cav_b + p.muscle * 0.35) * math.cos(ang)
+            tang = math.atan2(ry / (cav_b ** 2), rx / (cav_a ** 2)) + math.pi / 2
+            heart &= ~_ellipse(x, y, rx, ry, 9, 5, 2.0, tang)
+    if 0.55 < t:
+        for side in (-1, 1):
+            heart &= ~_ellipse(x, y, side * cav_a * 0.62, B_z * 0.72, 42, 4.5, 2.0, -side * 0.45)
+    return heart
+
+
+def ct_label_map(p: CTParams) -> np.ndarray:
+    """Exclusive labels uint8 [z, y, x] of the chest CT drawn as ``p``: 0 background, then
+    :data:`CT_LABELS` from 1 (left lung, right lung, heart).
+
+    The lungs are the lung truth of :func:`ct_chest_volume` (vessels and nodules inside them
+    included), split by the lung each voxel belongs to. Left is the patient's left: +x of the
+    array, +column, in the LPS frame the series is written in.
+    """
+    labels = np.zeros(p.shape, np.uint8)
+    x, y = _grid(p)
+    for k in range(p.shape[0]):
+        z = p.z_mm(k)
+        right, left = _lung_sides(p, x, y, z)
+        heart = _heart_visible(p, x, y, z)
+        labels[k][left] = 1
+        labels[k][right] = 2
+        labels[k][heart] = 3
+    return labels
+
+
+def ct_labels(
+    seed: int,
+    *,
+    shape: tuple[int, int, int] | None = None,
+    size: int = 256,
+    slices: int | None = None,
+    nodules: int | None = None,
+) -> np.ndarray:
+    """:func:`ct_label_map` of the chest CT that :func:`ct_chest_volume` and
+    :func:`write_ct_series` make for the same arguments (z = InstanceNumber - 1)."""
+    return ct_label_map(ct_chest_params(seed, shape=shape, size=size, slices=slices, nodules=nodules))
 
 
 def _ct_header(p: CTParams) -> dict[str, Any]:
