@@ -67,3 +67,28 @@ def segmentation_card_dict(**identity: Any) -> dict[str, Any]:
     data = copy.deepcopy(data)
     data["identity"].update(identity)
     return data
+
+
+def volume_card_dict(*, orientation: str = "RAS", window: tuple[int, ...] | None = (32, 32, 32),
+                     blending: str = "gaussian", name: str = "test-tissue-3d") -> dict[str, Any]:
+    """A 3D card with exclusive classes as docs/model-object.md describes it, for
+    onnx_factory.intensity_classes_model (background air, then lung, soft tissue, bone)."""
+    d = segmentation_card_dict()
+    d["identity"]["name"] = name
+    sct = {"scheme": "SCT", "meaning": "Anatomical Structure", "value": "91723000"}
+    d["task"] = {
+        "type": "segmentation", "exclusive": True, "output": "logits", "activation": "softmax",
+        "classes": [
+            {"label": "lung", "category": sct, "type": {"value": "39607008", "scheme": "SCT", "meaning": "Lung"}},
+            {"label": "soft tissue", "category": sct,
+             "type": {"value": "87784001", "scheme": "SCT", "meaning": "Soft tissue"}},
+            {"label": "bone", "category": sct, "type": {"value": "272673000", "scheme": "SCT", "meaning": "Bone"}},
+        ],
+    }
+    d["input"] = {"layout": "3d", "channels": 1, "size": [0, 0, 0], "min_slices": 8,
+                  "preprocessing": {"rescale": True, "window": {"center": -350.0, "width": 1500.0}}}
+    if orientation:
+        d["input"]["orientation"] = orientation
+    if window:
+        d["input"]["sliding_window"] = {"size": list(window), "overlap": 0.25, "blending": blending}
+    return d

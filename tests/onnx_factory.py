@@ -96,3 +96,53 @@ def write_0_1_0_model_object(onnx_path: Path, card: Any, out: Path) -> None:
         block = ds.private_block(mo.PRIVATE_GROUP, mo.PRIVATE_CREATOR)
         block[mo.EL_PAYLOAD].value = fh
         mo.write(ds, out)
+
+
+# Centres, in windowed intensity (window -350/1500: -1100..400 HU -> 0..1), of the classes of
+# :func:`intensity_classes_model`: channel 0 air (background), then lung, soft tissue, bone.
+INTENSITY_CENTRES = (0.0, 0.17, 0.6, 1.0)
+
+
+def intensity_classes_model(centres: tuple[float, ...] = INTENSITY_CENTRES, *, spatial: int = 3,
+                            shift: bool = False) -> bytes:
+    """Logits over exclusive classes by nearest intensity: ``-(x - c_k)^2`` per channel k.
+
+    [N, 1, *spatial] -> [N, len(centres), *spatial], every spatial axis dynamic. The argmax of
+    a voxel is the class whose centre is nearest its value, so the truth is computable in
+    numpy. With ``shift`` the input is first moved one voxel along the first spatial axis
+    (``out[i] = in[i - 1]``), which makes the result depend on how the volume was oriented.
+    """
+    k = len(centres)
+    c = np.asarray(centres, np.float32)
+    kernel = (1,) * spatial
+    w = numpy_helper.from_array(np.stack([2 * c, -np.ones(k, np.float32)], axis=1).reshape(k, 2, *kernel), "w")
+    b = numpy_helper.from_array(-(c * c), "b")
+    inits = [w, b]
+    nodes = []
+    src = "x"
+    if shift:
+        inits.append(numpy_helper.from_array(np.array([1, 0, 0], np.float32).reshape(1, 1, 3, *(1,) * (spatial - 1)),
+                                             "shift_w"))
+        pads = [1] + [0] * (spatial - 1)
+        nodes.append(helper.make_node("Conv", ["x", "shift_w"], ["shifted"], pads=pads + pads))
+        src = "shifted"
+    nodes += [helper.make_node("Mul", [src, src], ["sq"]),
+              helper.make_node("Concat", [src, "sq"], ["feats"], axis=1),
+              helper.make_node("Conv", ["feats", "w", "b"], ["logits"])]
+    dims = ["D", "H", "W"][-spatial:] if spatial <= 3 else [f"S{i}" for i in range(spatial)]
+    graph = helper.make_graph(
+        nodes, "intensity_classes",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, *dims])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", k, *dims])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="modelnode-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def intensity_classes_truth(windowed: np.ndarray, centres: tuple[float, ...] = INTENSITY_CENTRES) -> np.ndarray:
+    """What :func:`intensity_classes_model` labels (without shift), computed in numpy."""
+    c = np.asarray(centres, np.float32).reshape((-1,) + (1,) * windowed.ndim)
+    return np.argmax(-(windowed[None] - c) ** 2, axis=0).astype(np.uint8)
