@@ -7,7 +7,14 @@ is dropped first.
 
 Providers are tried in the configured order. A provider this build of ONNX Runtime lacks (no
 GPU, or the CPU-only wheel) is skipped with one warning per model, and the CPU provider is always
-the last resort, so a node configured for CUDA still runs on a machine without one.
+the last resort, so a node configured for CUDA still runs on a machine without one. A GPU
+provider that is present but cannot start (no device, driver too old, out of memory) is
+reported with ONNX Runtime's reason and the session is created again on the CPU.
+
+On a GPU, runs go through I/O binding: the input is copied to the device once, the output is
+allocated there by ONNX Runtime and copied back once, instead of through an intermediate
+host tensor. TensorRT, when listed and present, keeps its engines in ``trt_cache_dir`` so only
+the first run after a start pays for the engine build.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -26,6 +34,10 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+# Providers whose runs are bound to device memory (ONNX Runtime's device name for I/O binding).
+_DEVICE_OF = {CUDA: "cuda", TENSORRT: "cuda"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,9 @@ class RuntimeSettings:
     inter_op_threads: int = 1
     batch_size: int = 16
     cache_bytes: int = 2 << 30
+    trt_cache_dir: str = ""  # TensorRT engine and timing caches; "" keeps none across starts
+    trt_fp16: bool = False  # let TensorRT run layers in half precision (validate the model first)
+    device_id: int = 0
 
 
 def usable_providers(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -66,9 +81,17 @@ class LoadedModel:
     providers: list[str]
     size: int
     load_seconds: float
+    device_id: int = 0
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(self.output_names[:1], {self.input_name: batch})[0]
+        device = _DEVICE_OF.get(self.providers[0])
+        if device is None:
+            return self.session.run(self.output_names[:1], {self.input_name: batch})[0]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, np.ascontiguousarray(batch))
+        binding.bind_output(self.output_names[0], device, self.device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     def run_batched(self, inputs: np.ndarray, batch_size: int) -> np.ndarray:
         """Run ``inputs`` [N, ...] in batches of ``batch_size`` along N; outputs concatenated."""
@@ -129,7 +152,15 @@ class SessionCache:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         t0 = time.perf_counter()
-        session = ort.InferenceSession(source, sess_options=opts, providers=use)
+        try:
+            session = ort.InferenceSession(source, sess_options=opts, providers=self._with_options(use))
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            if use == [CPU]:
+                raise
+            log.warning("model %s: %s could not start (%s); running on the CPU", uid, use[0],
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            use = [CPU]
+            session = ort.InferenceSession(source, sess_options=opts, providers=use)
         elapsed = time.perf_counter() - t0
         active = session.get_providers()
         if active[0] != use[0]:
@@ -146,4 +177,24 @@ class SessionCache:
             providers=active,
             size=size,
             load_seconds=elapsed,
+            device_id=self.settings.device_id,
         )
+
+    def _with_options(self, providers: Sequence[str]) -> list[str | tuple[str, dict[str, Any]]]:
+        out: list[str | tuple[str, dict[str, Any]]] = []
+        for p in providers:
+            if p == TENSORRT:
+                opts: dict[str, Any] = {"device_id": self.settings.device_id,
+                                        "trt_fp16_enable": self.settings.trt_fp16}
+                if self.settings.trt_cache_dir:
+                    os.makedirs(self.settings.trt_cache_dir, exist_ok=True)
+                    opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=self.settings.trt_cache_dir,
+                                trt_timing_cache_enable=True, trt_timing_cache_path=self.settings.trt_cache_dir)
+                out.append((p, opts))
+            elif p == CUDA:
+                # kSameAsRequested: the arena grows by what a window needs, not by doubling, so a
+                # 3D model does not reserve twice its working set on a shared GPU.
+                out.append((p, {"device_id": self.settings.device_id, "arena_extend_strategy": "kSameAsRequested"}))
+            else:
+                out.append(p)
+        return out
