@@ -1,7 +1,8 @@
 """Result objects: what a model's output becomes before it goes back to the PACS.
 
-* Segmentation models produce a **DICOM Segmentation** (SEG, BINARY) with one segment per card
-  class: label, SNOMED CT category and type from the card, algorithm type AUTOMATIC and the
+* Segmentation models produce a **DICOM Segmentation** with one segment per card class, BINARY
+  (Segmentation Storage, the default) or LABELMAP (Label Map Segmentation Storage, Supplement 243,
+  for mutually exclusive classes): label, SNOMED CT category and type from the card, algorithm type AUTOMATIC and the
   Segmentation Algorithm Identification (name, version, family "Artificial Intelligence", source =
   the model's manufacturer, parameters ``model_uid=<model SOP Instance UID>,threshold=<t>``).
   Frames are the source slices, so geometry (plane positions, orientation, pixel measures,
@@ -51,6 +52,7 @@ __all__ = [
     "GROUP_SOURCE_LIMIT",
     "NODE_MANUFACTURER",
     "PROCESSING_EQUIPMENT",
+    "SEGMENTATION_TYPES",
     "ResultKind",
     "ResultError",
     "build_classification_sr",
@@ -66,6 +68,12 @@ log = logging.getLogger(__name__)
 
 ResultKind = Literal["SEG", "SR"]
 _KINDS: tuple[str, ...] = ("SEG", "SR")
+# How a SEG encodes its segments: BINARY, one 1-bit frame per (plane, segment) with pixels, which
+# every SEG-aware viewer reads; LABELMAP, one 8- or 16-bit frame per plane holding the segment
+# number, for mutually exclusive segments. FRACTIONAL is left out on purpose (docs/results.md).
+# node.config keeps a copy of this tuple so that loading the configuration does not import
+# highdicom (0.45 s on every CLI command); tests/test_results_labelmap.py checks they agree.
+SEGMENTATION_TYPES: tuple[str, ...] = ("BINARY", "LABELMAP")
 
 NODE_MANUFACTURER = "modelnode"
 NODE_MODEL_NAME = "modelnode"
@@ -211,7 +219,7 @@ def build_segmentation(
     content_datetime: _dt.datetime | None = None,
     segmentation_type: str = "BINARY",
 ) -> hd.seg.Segmentation:
-    """A BINARY DICOM SEG of ``masks`` on ``source_images``, one segment per card class.
+    """A DICOM SEG of ``masks`` on ``source_images``, one segment per card class.
 
     ``source_images``: the series' single-frame instances in the order of the mask's first axis
     (the caller sorts slices), or exactly one multi-frame image whose frames are that axis, or
@@ -224,6 +232,16 @@ def build_segmentation(
     * ``[planes, rows, cols]``: a label map, 0 background and ``i`` the card's ``i``-th class;
     * ``[rows, cols]``: a label map of a single image.
 
+    ``segmentation_type``:
+
+    * ``"BINARY"`` (Segmentation Storage): one 1-bit frame per plane and class with pixels;
+      classes may overlap. What PACS and viewers display today.
+    * ``"LABELMAP"`` (Label Map Segmentation Storage, Supplement 243): one 8-bit frame per plane
+      (16-bit beyond 255 classes) holding the class number, segment 0 "Background" added.
+      Needs mutually exclusive classes: a label map always is; stacked masks that set a pixel
+      in two classes are refused with :class:`ResultError`. Segment ``i`` is card class ``i``
+      in both types, with the same descriptions and colours.
+
     Frames where a class is empty are omitted (a viewer then shows nothing there, which is the
     truth). A class with no pixels anywhere keeps its segment description with no frames, so
     the result still lists every class the model looked for. If every class is empty,
@@ -232,9 +250,12 @@ def build_segmentation(
     """
     if card.task.type != "segmentation":
         raise ResultError(f"model {card.identity.name!r} is a {card.task.type} model, not segmentation")
+    if segmentation_type not in SEGMENTATION_TYPES:
+        raise ResultError(f"segmentation_type must be one of {SEGMENTATION_TYPES}, got {segmentation_type!r}")
     metas = _source_metadata(source_images)
     planes, rows, cols = _plane_grid(metas)
-    stacked = _stacked_masks(masks, card.task.classes, (planes, rows, cols))
+    pixels = _segmentation_pixels(masks, card.task.classes, (planes, rows, cols),
+                                  labelmap=segmentation_type == "LABELMAP")
 
     first = metas[0]
     series_uid, instance_uid = result_uids(first.SeriesInstanceUID, model_uid, "SEG")
@@ -245,8 +266,8 @@ def build_segmentation(
     ]
     seg = _Segmentation(
         source_images=metas,
-        pixel_array=stacked,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues(segmentation_type),
         segment_descriptions=descriptions,
         series_instance_uid=series_uid,
         series_number=series_number if series_number is not None else result_series_number(first, "SEG"),
@@ -277,20 +298,22 @@ def build_segmentation(
 
 
 class _Segmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation with a faster overlap check for stacked boolean masks.
+    """highdicom's Segmentation with a faster overlap check for stacked boolean BINARY masks.
 
     highdicom decides SegmentsOverlap for a [planes, rows, cols, segments] mask by summing it
     over the last axis into an int64 array: half a second for 60 slices of 512 x 512 with two
     classes, half the time of building the whole SEG. Accumulating the segments one by one into
-    uint8 gives the same answer in a few tens of milliseconds. Anything else goes to highdicom's
-    own check; tests/test_results.py compares the two on overlapping and disjoint masks, and
-    fails if highdicom stops calling this hook by that name.
+    uint8 gives the same answer in a few tens of milliseconds. Anything else (label maps, and
+    every LABELMAP input, which build_segmentation turns into a label map first) goes to
+    highdicom's own check; tests/test_results.py compares the two on overlapping and disjoint
+    masks, and fails if highdicom stops calling this hook by that name.
     """
 
     @classmethod
     def _check_and_cast_pixel_array(cls, pixel_array: Any, segment_numbers: np.ndarray,
                                     segmentation_type: Any, dtype: type) -> tuple[Any, Any]:
-        if (isinstance(pixel_array, np.ndarray) and pixel_array.dtype == np.bool_ and pixel_array.ndim == 4
+        if (segmentation_type == hd.seg.SegmentationTypeValues.BINARY
+                and isinstance(pixel_array, np.ndarray) and pixel_array.dtype == np.bool_ and pixel_array.ndim == 4
                 and 1 < pixel_array.shape[-1] == len(segment_numbers) < 255):
             return pixel_array, _segments_overlap(pixel_array)
         return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
@@ -298,11 +321,17 @@ class _Segmentation(hd.seg.Segmentation):
 
 def _segments_overlap(stacked: np.ndarray) -> hd.seg.SegmentsOverlapValues:
     """YES if any pixel belongs to two segments of a boolean [..., segments] stack, else NO."""
-    count = stacked[..., 0].astype(np.uint8)
+    overlap = bool(_class_count(stacked).max(initial=0) > 1)
+    return hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
+
+
+def _class_count(stacked: np.ndarray) -> np.ndarray:
+    """How many classes each pixel of a boolean [..., classes] stack belongs to."""
+    # uint8 while the count cannot wrap around: a quarter of the memory traffic of numpy's sum.
+    count = stacked[..., 0].astype(np.uint8 if stacked.shape[-1] < 256 else np.uint16)
     for k in range(1, stacked.shape[-1]):
         count += stacked[..., k]
-    overlap = bool(count.max() > 1)
-    return hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
+    return count
 
 
 def warm_up() -> None:
@@ -352,10 +381,17 @@ def _plane_grid(metas: Sequence[Dataset]) -> tuple[int, int, int]:
     return planes, int(first.Rows), int(first.Columns)
 
 
-def _stacked_masks(
-    masks: np.ndarray, classes: Sequence[OutputClass], grid: tuple[int, int, int]
+def _segmentation_pixels(
+    masks: np.ndarray, classes: Sequence[OutputClass], grid: tuple[int, int, int], *, labelmap: bool
 ) -> np.ndarray:
-    """``masks`` as a bool ``[planes, rows, cols, classes]`` array, checked against the source grid."""
+    """``masks`` as highdicom should get them, checked against the source grid and the card.
+
+    A label map stays a label map (uint8, or uint16 beyond 255 classes) for either type: handed
+    to highdicom as it is, a 120 x 512 x 512 map with 100 classes becomes a BINARY SEG in about
+    two seconds, where stacking it into 100 boolean masks first took 147 s and 6 GB (highdicom
+    then slices every class out of the last, strided axis). Stacked masks stay stacked for
+    BINARY (classes may overlap) and become a label map for LABELMAP, if they do not overlap.
+    """
     a = np.asarray(masks)
     n = len(classes)
     if a.ndim == 2:
@@ -365,32 +401,64 @@ def _stacked_masks(
             raise ResultError(f"a label map must hold integers, got {a.dtype}")
         if a.size and (int(a.min()) < 0 or int(a.max()) > n):
             raise ResultError(f"label map values must lie in 0..{n} (the card has {n} classes)")
+        _check_grid(a.shape, grid)
         if a.dtype.kind == "b":
             a = a.view(np.uint8)
-        # One comparison per class keeps the label map's (small) dtype instead of widening it.
-        stacked = np.stack([a == i for i in range(1, n + 1)], axis=-1)
-    elif a.ndim == 4:
-        if a.shape[-1] != n:
-            raise ResultError(f"masks have {a.shape[-1]} classes on the last axis, the card has {n}")
-        if a.dtype.kind == "f":
-            if not np.isfinite(a).all():
-                raise ResultError("probability masks contain NaN or infinity")
-            stacked = a >= np.array([c.threshold for c in classes], dtype=a.dtype)
-        elif a.dtype.kind == "b":
-            stacked = a
-        elif a.dtype.kind in "iu":
-            if a.size and (int(a.min()) < 0 or int(a.max()) > 1):
-                raise ResultError("stacked integer masks must be binary (0/1)")
-            stacked = a.astype(bool)
-        else:
-            raise ResultError(f"unsupported mask dtype {a.dtype}")
-    else:
+        # highdicom takes uint8 or uint16 label maps only; the smallest that holds the classes
+        # keeps LABELMAP frames at 8 bits where they can be.
+        return np.ascontiguousarray(a, dtype=_label_dtype(n))
+    if a.ndim != 4:
         raise ResultError(f"masks must be 2-D, 3-D or 4-D, got shape {a.shape}")
-    if stacked.shape[:3] != grid:
-        raise ResultError(
-            f"mask grid {stacked.shape[:3]} does not match the source (planes, rows, cols) {grid}"
-        )
+    stacked = _stacked_masks(a, classes)
+    _check_grid(stacked.shape, grid)
+    return _label_map_of(stacked, classes) if labelmap else stacked
+
+
+def _label_dtype(classes: int) -> type:
+    if classes > 65535:
+        raise ResultError(f"a SEG holds at most 65535 segments, the card has {classes} classes")
+    return np.uint8 if classes <= 255 else np.uint16
+
+
+def _check_grid(shape: tuple[int, ...], grid: tuple[int, int, int]) -> None:
+    if tuple(shape[:3]) != grid:
+        raise ResultError(f"mask grid {tuple(shape[:3])} does not match the source (planes, rows, cols) {grid}")
+
+
+def _stacked_masks(a: np.ndarray, classes: Sequence[OutputClass]) -> np.ndarray:
+    """A ``[planes, rows, cols, classes]`` stack as bool, probabilities thresholded per class."""
+    n = len(classes)
+    if a.shape[-1] != n:
+        raise ResultError(f"masks have {a.shape[-1]} classes on the last axis, the card has {n}")
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all():
+            raise ResultError("probability masks contain NaN or infinity")
+        stacked = a >= np.array([c.threshold for c in classes], dtype=a.dtype)
+    elif a.dtype.kind == "b":
+        stacked = a
+    elif a.dtype.kind in "iu":
+        if a.size and (int(a.min()) < 0 or int(a.max()) > 1):
+            raise ResultError("stacked integer masks must be binary (0/1)")
+        stacked = a.astype(bool)
+    else:
+        raise ResultError(f"unsupported mask dtype {a.dtype}")
     return np.ascontiguousarray(stacked, dtype=bool)
+
+
+def _label_map_of(stacked: np.ndarray, classes: Sequence[OutputClass]) -> np.ndarray:
+    """The label map of non-overlapping stacked masks; ResultError naming a pixel if they overlap."""
+    count = _class_count(stacked)
+    if count.size and count.max() > 1:
+        plane, row, col = np.unravel_index(int(np.argmax(count > 1)), count.shape)
+        both = [classes[k].label for k in np.flatnonzero(stacked[plane, row, col])]
+        raise ResultError(
+            f"LABELMAP needs mutually exclusive classes, but the masks overlap: pixel (plane {plane}, "
+            f"row {row}, column {col}) is in {', '.join(map(repr, both))}; use BINARY for this model"
+        )
+    labels = np.empty(stacked.shape[:3], dtype=_label_dtype(len(classes)))
+    for p, plane in enumerate(stacked):  # plane by plane: argmax's int64 result stays small
+        np.multiply(plane.argmax(axis=-1) + 1, count[p] > 0, out=labels[p], casting="unsafe")
+    return labels
 
 
 # --------------------------------------------------------------------------- classification SR

@@ -163,6 +163,47 @@ class InferenceSection:
     overrides: list[InferenceModelOverride] = field(default_factory=list)
 
 
+# The SEG encodings iods.results can write. A copy of iods.results.SEGMENTATION_TYPES: importing
+# that module would load highdicom (0.45 s) on every CLI command; a test checks they agree.
+SEGMENTATION_TYPES: tuple[str, ...] = ("BINARY", "LABELMAP")
+
+
+@dataclass
+class ResultsOverride:
+    """Another SEG encoding for results of one model, of studies sent to one AE title, or both."""
+
+    segmentation_type: str
+    model: str = ""  # model name or UID
+    called_ae: str = ""  # the AE title the study was sent to (the route)
+
+
+@dataclass
+class ResultsSection:
+    # BINARY: Segmentation Storage, what PACS and viewers display today. LABELMAP: Label Map
+    # Segmentation Storage (Supplement 243), far smaller and faster for many exclusive classes.
+    segmentation_type: str = "BINARY"
+    overrides: list[ResultsOverride] = field(default_factory=list)
+
+    def segmentation_type_for(self, model_uid: str, model_name: str, called_ae: str) -> str:
+        """The SEG encoding for a result of this model on a study sent to ``called_ae``.
+
+        The most specific override that matches wins: model and called AE together, then the
+        called AE alone, then the model alone; among equals, the first in the file. The route
+        beats the model because it stands for where the result goes, and whether that PACS can
+        show a LABELMAP is a harder limit than a model's preference for one.
+        """
+        best: tuple[int, str] | None = None
+        for o in self.overrides:
+            if o.model and o.model not in (model_uid, model_name):
+                continue
+            if o.called_ae and o.called_ae != called_ae:
+                continue
+            rank = 2 * bool(o.called_ae) + bool(o.model)
+            if best is None or rank > best[0]:
+                best = (rank, o.segmentation_type)
+        return best[1] if best is not None else self.segmentation_type
+
+
 @dataclass
 class ExportRoute:
     destinations: list[str]  # AE titles of [[peers]]
@@ -248,6 +289,7 @@ class Config:
     selection: SelectionSection = field(default_factory=SelectionSection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
+    results: ResultsSection = field(default_factory=ResultsSection)
     export: ExportSection = field(default_factory=ExportSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     tls: TlsSection = field(default_factory=TlsSection)
@@ -421,6 +463,7 @@ def _check(cfg: Config, problems: list[tuple[str, str]]) -> None:
         problems.append(("inference.intra_op_threads", "thread counts must not be negative"))
     if inf.batch_size < 1:
         problems.append(("inference.batch_size", "must be at least 1"))
+    _check_results(cfg.results, problems)
     peer_names = {p.ae_title for p in cfg.peers if p is not None}
     for i, route in enumerate(cfg.export.routes):
         if route is None:
@@ -449,6 +492,28 @@ def _check(cfg: Config, problems: list[tuple[str, str]]) -> None:
             if perm not in PERMISSIONS:
                 problems.append((f"{key}.permissions", f"unknown permission {perm!r}; known: {sorted(PERMISSIONS)}"))
     _check_service(cfg, problems)
+
+
+def _check_results(res: ResultsSection, problems: list[tuple[str, str]]) -> None:
+    if res.segmentation_type not in SEGMENTATION_TYPES:
+        problems.append(("results.segmentation_type", f"must be one of {', '.join(SEGMENTATION_TYPES)}, "
+                         f"got {res.segmentation_type!r}"))
+    seen: dict[tuple[str, str], int] = {}
+    for i, o in enumerate(res.overrides):
+        if o is None:
+            continue
+        key = f"results.overrides[{i}]"
+        if o.segmentation_type not in SEGMENTATION_TYPES:
+            problems.append((f"{key}.segmentation_type", f"must be one of {', '.join(SEGMENTATION_TYPES)}, "
+                             f"got {o.segmentation_type!r}"))
+        if not o.model and not o.called_ae:
+            problems.append((key, "must name a model, a called_ae or both (results.segmentation_type is "
+                             "the setting for everything else)"))
+        if o.called_ae and not _AE_RE.match(o.called_ae):
+            problems.append((f"{key}.called_ae", f"{o.called_ae!r} is not a valid AE title"))
+        if (o.model, o.called_ae) in seen:
+            problems.append((key, f"same model and called_ae as results.overrides[{seen[o.model, o.called_ae]}]"))
+        seen.setdefault((o.model, o.called_ae), i)
 
 
 def _check_service(cfg: Config, problems: list[tuple[str, str]]) -> None:

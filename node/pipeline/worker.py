@@ -294,7 +294,7 @@ class Pipeline:
             log.info("job %d: result computed during the quiet time taken (%d instance(s), model %s)", job.id,
                      len(digests), record.name)
         else:
-            result_ds, more = self._infer(record, datasets)
+            result_ds, more = self._infer(record, datasets, job.called_ae)
             timings.update(more)
         metrics.INFERENCE_SECONDS.observe(timings["inference_total"])
         t = time.perf_counter()
@@ -302,9 +302,12 @@ class Pipeline:
         timings["store_result"] = time.perf_counter() - t
         return SeriesResult(series.series_uid, sel, [uid], timings)
 
-    def _infer(self, record: Any, datasets: list[Dataset]) -> tuple[Dataset, dict[str, float]]:
+    def _infer(self, record: Any, datasets: list[Dataset], called_ae: str) -> tuple[Dataset, dict[str, float]]:
         from models.infer import infer
 
+        # Decided here, for the job and the head start alike, from the called AE both read off the
+        # same arrival: a head start taken by model and files is then also of the job's type.
+        seg_type = self.ctx.config.results.segmentation_type_for(record.uid, record.name, called_ae)
         timings: dict[str, float] = {}
         t = time.perf_counter()
         loaded = self.sessions.get(record.uid, self._verified_onnx(self.ctx.app.registry.path(record)),
@@ -312,7 +315,8 @@ class Pipeline:
         timings["session"] = time.perf_counter() - t
         t = time.perf_counter()
         result_ds, infer_timings = infer(datasets, record.card, record.uid, loaded,
-                                         batch_size=self.ctx.config.inference.batch_size)
+                                         batch_size=self.ctx.config.inference.batch_size,
+                                         segmentation_type=seg_type)
         timings.update(infer_timings)
         timings["inference_total"] = time.perf_counter() - t
         return result_ds, timings
@@ -341,7 +345,7 @@ class Pipeline:
         if sel.best is None:
             return None
         record = self.ctx.app.registry.get(sel.best.uid)
-        result_ds, timings = self._infer(record, datasets)
+        result_ds, timings = self._infer(record, datasets, called_ae)
         log.info("head start: %s computed for series %s (%d instance(s)) in %.2f s during its quiet time",
                  record.name, jobs.short_uid(series.series_uid), len(digests), time.perf_counter() - t0)
         return Ahead(series.series_uid, digests, record.uid, result_ds, timings)
