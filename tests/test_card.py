@@ -93,3 +93,92 @@ def test_load_card_from_toml_file(tmp_path):
     p.write_text("[identity\nname=")
     with pytest.raises(CardError, match="not valid TOML"):
         load_card(p)
+
+
+# --------------------------------------------------------------------------- volumetric keys
+
+
+def test_the_monai_example_in_the_docs_parses():
+    """docs/model-object.md's complete MONAI card is a valid card with the meaning it claims."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "model-object.md").read_text()
+    block = re.search(r"```toml\n(schema = .*?)```", text, re.S).group(1)
+    card = parse_card(tomllib.loads(block))
+    assert card.task.exclusive and card.task.output == "logits" and card.output_count == 3
+    assert card.input.orientation == "RAS" and card.input.size_divisor == (16, 16, 16)
+    assert card.input.sliding_window.size == (96, 96, 96) and card.input.sliding_window.blending == "gaussian"
+    assert card.input.preprocessing.resample_spacing == (1.5, 1.5, 2.0)
+
+
+def _volume(**changes):
+    from cards import volume_card_dict
+
+    d = volume_card_dict()
+    for path, value in changes.items():
+        *parents, leaf = path.split(".")
+        node = d
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return d
+
+
+def test_cards_without_the_new_keys_keep_their_meaning():
+    card = parse_card(segmentation_card_dict())
+    assert not card.task.exclusive and card.task.output == "probabilities" and card.task.activation == "sigmoid"
+    assert card.input.orientation == "" and card.input.sliding_window is None and card.input.size_divisor is None
+    assert card.output_count == len(card.task.classes)
+
+
+@pytest.mark.parametrize("path,value,field,reason", [
+    ("task.activation", "sigmoid", "task.activation", "exclusive classes take softmax"),
+    ("input.orientation", "RAX", "input.orientation", "three axis codes"),
+    ("input.orientation", "RRS", "input.orientation", "three axis codes"),
+    ("input.size_divisor", [16, 16], "input.size_divisor", "3 of them"),
+    ("input.size_divisor", 0, "input.size_divisor", "positive"),
+    ("input.sliding_window.size", [96, 96], "input.sliding_window.size", "3 spatial sizes"),
+    ("input.sliding_window.overlap", 1.0, "input.sliding_window.overlap", r"\[0, 1\)"),
+    ("input.sliding_window.blending", "hann", "input.sliding_window.blending", "must be one of"),
+    ("input.sliding_window.batch", 0, "input.sliding_window.batch", "at least 1"),
+    ("input.sliding_window.colour", 1, "input.sliding_window.colour", "not a field"),
+    ("task.output", "scores", "task.output", "must be one of"),
+])
+def test_volumetric_keys_are_validated(path, value, field, reason):
+    with pytest.raises(CardError, match=reason) as err:
+        parse_card(_volume(**{path: value}))
+    assert err.value.field == field
+
+
+def test_window_must_fit_the_graph_and_the_divisor():
+    with pytest.raises(CardError, match="multiple of input.size_divisor 16"):
+        parse_card(_volume(**{"input.size_divisor": 16, "input.sliding_window.size": [40, 32, 32]}))
+    with pytest.raises(CardError, match="fixed at 32"):
+        parse_card(_volume(**{"input.size": [32, 32, 32], "input.sliding_window.size": [64, 32, 32]}))
+    # A fixed input size is the window when the window gives none.
+    card = parse_card(_volume(**{"input.size": [32, 32, 32], "input.sliding_window.size": None}))
+    assert card.input.sliding_window.size == (32, 32, 32)
+    with pytest.raises(CardError, match="sliding_window.size"):
+        parse_card(_volume(**{"input.sliding_window.size": None}))  # dynamic graph, no window size
+    with pytest.raises(CardError, match="applies to 3d inputs only"):
+        d = segmentation_card_dict()
+        d["input"]["orientation"] = "RAS"
+        parse_card(d)
+
+
+def test_exclusive_output_channels_are_checked_against_the_graph():
+    from onnx_factory import intensity_classes_model
+
+    from iods.model_object import ShapeMismatch, _verify_onnx
+
+    card = parse_card(_volume())
+    _verify_onnx(intensity_classes_model(), card)  # 4 channels = background + 3 classes
+    d = _volume()
+    d["task"]["classes"] = d["task"]["classes"][:2]
+    with pytest.raises(ShapeMismatch, match="4 channels, card has 2 exclusive classes \\+ background"):
+        _verify_onnx(intensity_classes_model(), parse_card(d))
