@@ -184,13 +184,17 @@ class ResultsSection:
     segmentation_type: str = "BINARY"
     overrides: list[ResultsOverride] = field(default_factory=list)
 
-    def segmentation_type_for(self, model_uid: str, model_name: str, called_ae: str) -> str:
+    def segmentation_type_for(self, model_uid: str, model_name: str, called_ae: str, *, exclusive: bool) -> str:
         """The SEG encoding for a result of this model on a study sent to ``called_ae``.
 
         The most specific override that matches wins: model and called AE together, then the
         called AE alone, then the model alone; among equals, the first in the file. The route
         beats the model because it stands for where the result goes, and whether that PACS can
         show a LABELMAP is a harder limit than a model's preference for one.
+
+        LABELMAP applies only to models whose card declares ``exclusive`` classes; others get
+        BINARY. A label map holds one class per pixel, independent classes may overlap, and a
+        series' SOP class must not depend on what its pixels happen to show.
         """
         best: tuple[int, str] | None = None
         for o in self.overrides:
@@ -201,7 +205,8 @@ class ResultsSection:
             rank = 2 * bool(o.called_ae) + bool(o.model)
             if best is None or rank > best[0]:
                 best = (rank, o.segmentation_type)
-        return best[1] if best is not None else self.segmentation_type
+        chosen = best[1] if best is not None else self.segmentation_type
+        return chosen if exclusive else "BINARY"
 
 
 @dataclass

@@ -307,7 +307,8 @@ class Pipeline:
 
         # Decided here, for the job and the head start alike, from the called AE both read off the
         # same arrival: a head start taken by model and files is then also of the job's type.
-        seg_type = self.ctx.config.results.segmentation_type_for(record.uid, record.name, called_ae)
+        seg_type = self.ctx.config.results.segmentation_type_for(record.uid, record.name, called_ae,
+                                                                 exclusive=record.card.task.exclusive)
         timings: dict[str, float] = {}
         t = time.perf_counter()
         loaded = self.sessions.get(record.uid, self._verified_onnx(self.ctx.app.registry.path(record)),
