@@ -13,7 +13,7 @@ a TID 1500 SR.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -25,6 +25,30 @@ from models.geometry import Reorientation, reorientation
 from models.runtime import LoadedModel
 from models.volume import Volume, VolumeError, load_volume
 from models.window import sliding_window
+
+
+class ModelRunError(RuntimeError):
+    """ONNX Runtime refused or failed a run; the message names the model, the input shape and,
+    where the card can fix it, the key to set."""
+
+
+def _runner(loaded: LoadedModel, card: ModelCard) -> Callable[[np.ndarray], np.ndarray]:
+    spec = card.input
+
+    def run(x: np.ndarray) -> np.ndarray:
+        try:
+            return loaded.run(x)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+            # ORT appends its own log line, with terminal colours, after the status message.
+            reason = str(exc).split("\x1b")[0].strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = ""
+            if spec.size_divisor is None and spec.sliding_window is None:
+                hint = (" (a network with pooling needs sizes that are multiples of its total stride: "
+                        "set input.size_divisor or input.sliding_window in its card)")
+            raise ModelRunError(f"model {card.identity.name!r} failed on an input of shape {list(x.shape)}: "
+                                f"{reason}{hint}") from exc
+
+    return run
 
 
 class InputError(VolumeError):
@@ -175,13 +199,13 @@ def _run_spatial(x: np.ndarray, card: ModelCard, loaded: LoadedModel, window_bat
     collect = _Collector(card, spatial)
     sw = spec.sliding_window
     if sw is not None:
-        sliding_window(x, sw.size, loaded.run, collect, overlap=sw.overlap, blending=sw.blending,
+        sliding_window(x, sw.size, _runner(loaded, card), collect, overlap=sw.overlap, blending=sw.blending,
                        sigma_scale=sw.sigma_scale, batch=window_batch or sw.batch)
         return collect.out
     pads = geometry.divisible_padding(spatial, spec.size_divisor) if spec.size_divisor else [(0, 0)] * len(spatial)
     if any(p != (0, 0) for p in pads):
         x = np.pad(x, [(0, 0), *pads])
-    y = loaded.run(np.ascontiguousarray(x[np.newaxis], np.float32))[0]
+    y = _runner(loaded, card)(np.ascontiguousarray(x[np.newaxis], np.float32))[0]
     inner = tuple(slice(a, a + n) for (a, _), n in zip(pads, spatial, strict=True))
     y = y[(slice(None), *inner)]
     collect(0, spatial[0], y, None)

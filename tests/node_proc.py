@@ -209,3 +209,31 @@ def query(where: NodeProcess | Path, sql: str, *params: object) -> list[tuple]:
         return con.execute(sql, params).fetchall()
     finally:
         con.close()
+
+
+def jobs(node: NodeProcess) -> list[dict]:
+    """``modelnode jobs list --json`` of a running node."""
+    res = node.cli("jobs", "list", "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def wait_jobs(node: NodeProcess, count: int, timeout: float = 120,
+              states: tuple[str, ...] = ("done", "exported", "failed")) -> list[dict]:
+    """The node's jobs once ``count`` of them are in one of ``states`` (polls its database: the
+    state lives in another process)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        finished = [j for j in jobs(node) if j["state"] in states]
+        if len(finished) >= count:
+            return finished
+        time.sleep(0.2)
+    raise AssertionError(f"{count} job(s) not finished in {timeout} s\n{node.log()[-4000:]}")
+
+
+def stored_object(node: NodeProcess, sop_uid: str) -> Path:
+    """The file of an instance the node stored (a result, say), by SOP Instance UID."""
+    [(digest,)] = query(node, "SELECT digest FROM instance WHERE sop_uid = ?", sop_uid)
+    return node.data_dir / "objects" / digest[:2] / digest[2:4] / f"{digest}.dcm"

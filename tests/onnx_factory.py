@@ -146,3 +146,27 @@ def intensity_classes_truth(windowed: np.ndarray, centres: tuple[float, ...] = I
     """What :func:`intensity_classes_model` labels (without shift), computed in numpy."""
     c = np.asarray(centres, np.float32).reshape((-1,) + (1,) * windowed.ndim)
     return np.argmax(-(windowed[None] - c) ** 2, axis=0).astype(np.uint8)
+
+
+def pool_concat_model(classes: int = 2) -> bytes:
+    """A U-Net's skip connection in miniature: MaxPool(2) -> Resize(x2) -> Concat with the input
+    -> 1x1x1 Conv to ``1 + classes`` logits. Dynamic spatial axes, but an odd size fails inside
+    ONNX Runtime ("Concat ... mismatched dimensions"), as a real U-Net does without padding."""
+    k = 1 + classes
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.standard_normal((k, 2, 1, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2, 2], np.float32), "scales")]
+    nodes = [helper.make_node("MaxPool", ["x"], ["pooled"], kernel_shape=[2, 2, 2], strides=[2, 2, 2]),
+             helper.make_node("Resize", ["pooled", "", "scales"], ["up"], mode="nearest"),
+             helper.make_node("Concat", ["x", "up"], ["feats"], axis=1),
+             helper.make_node("Conv", ["feats", "w"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "pool_concat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "D", "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", k, "D", "H", "W"])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="modelnode-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
