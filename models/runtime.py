@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from models import graph
+
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
@@ -152,6 +154,9 @@ class SessionCache:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         t0 = time.perf_counter()
+        size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+        if isinstance(source, bytes):
+            source = graph.optimise(source)
         try:
             session = ort.InferenceSession(source, sess_options=opts, providers=self._with_options(use))
         except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
@@ -166,7 +171,6 @@ class SessionCache:
         if active[0] != use[0]:
             # ORT falls back silently when a provider fails to initialise (e.g. no CUDA driver).
             log.warning("model %s: %s failed to initialise; running on %s", uid, use[0], active[0])
-        size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
         log.info("model %s: session ready on %s in %.2f s (%d intra-op thread(s))",
                  uid, active[0], elapsed, opts.intra_op_num_threads)
         return LoadedModel(
