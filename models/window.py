@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -69,6 +71,23 @@ def window_padding(image_size: Sequence[int], window: Sequence[int]) -> list[tup
     return pads
 
 
+def _in_order(pool: ThreadPoolExecutor | None, workers: int,
+              tasks: Sequence[Callable[[], np.ndarray]]) -> Iterator[np.ndarray]:
+    """Results of ``tasks`` in order, at most ``workers`` in flight (Executor.map would submit,
+    and hold the outputs of, all of them at once)."""
+    if pool is None:
+        for task in tasks:
+            yield task()
+        return
+    pending: deque[Future] = deque()
+    for task in tasks:
+        pending.append(pool.submit(task))
+        if len(pending) >= workers:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def sliding_window(
     image: np.ndarray,
     window: Sequence[int],
@@ -79,6 +98,7 @@ def sliding_window(
     blending: str = "gaussian",
     sigma_scale: float = 0.125,
     batch: int = 1,
+    workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Run ``run`` on the windows of ``image`` [C, *spatial] and blend the outputs.
@@ -89,6 +109,9 @@ def sliding_window(
     weighted sum of the window outputs, ``weights`` [hi - lo, *rest] the summed weights, so
     ``summed / weights`` is MONAI's blended output (an argmax needs no division). The arrays are
     reused afterwards: copy what you keep. Returns the number of windows run.
+
+    ``workers`` > 1 keeps that many ``run`` calls in flight on threads (ONNX Runtime releases
+    the GIL); outputs are still added in window order, so the result does not depend on it.
     """
     spatial = image.shape[1:]
     if len(window) != len(spatial):
@@ -127,27 +150,35 @@ def sliding_window(
         count[depth - n:] = 0
         base = until
 
-    for z in starts[0]:
-        flush(z)
-        for first in range(0, len(rest), batch):
-            group = rest[first:first + batch]
-            x = np.stack([image[(slice(None), slice(z, z + w0),
-                                 *(slice(s, s + w) for s, w in zip(pos, window[1:], strict=True)))]
-                          for pos in group])
-            out = run(np.ascontiguousarray(x, np.float32))
-            if out.shape[0] != len(group) or tuple(out.shape[2:]) != tuple(window):
-                raise ValueError(f"the network returned {tuple(out.shape)} for a window batch of "
-                                 f"{tuple(x.shape)}; a window model must keep the spatial size")
-            if summed is None:
-                summed = np.zeros((out.shape[1], depth, *padded[1:]), np.float32)
-            for pos, o in zip(group, out, strict=True):
-                region = (slice(z - base, z - base + w0),
-                          *(slice(s, s + w) for s, w in zip(pos, window[1:], strict=True)))
-                o *= weights
-                summed[(slice(None), *region)] += o
-                count[region] += weights
-            done += len(group)
-            if progress is not None:
-                progress(done, total)
+    def patches(z: int, group: Sequence[tuple[int, ...]]) -> np.ndarray:
+        return np.ascontiguousarray(np.stack([
+            image[(slice(None), slice(z, z + w0), *(slice(s, s + w) for s, w in zip(pos, window[1:], strict=True)))]
+            for pos in group]), np.float32)
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="window") if workers > 1 else None
+    try:
+        for z in starts[0]:
+            flush(z)
+            groups = [rest[i:i + batch] for i in range(0, len(rest), batch)]
+            outputs = _in_order(pool, workers, [lambda g=g, z=z: run(patches(z, g)) for g in groups])
+            for group, out in zip(groups, outputs, strict=True):
+                if out.shape[0] != len(group) or tuple(out.shape[2:]) != tuple(window):
+                    raise ValueError(f"the network returned {tuple(out.shape)} for a window batch of "
+                                     f"{(len(group), image.shape[0], *window)}; a window model must keep the "
+                                     "spatial size")
+                if summed is None:
+                    summed = np.zeros((out.shape[1], depth, *padded[1:]), np.float32)
+                for pos, o in zip(group, out, strict=True):
+                    region = (slice(z - base, z - base + w0),
+                              *(slice(s, s + w) for s, w in zip(pos, window[1:], strict=True)))
+                    o *= weights
+                    summed[(slice(None), *region)] += o
+                    count[region] += weights
+                done += len(group)
+                if progress is not None:
+                    progress(done, total)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     flush(padded[0])
     return done

@@ -57,13 +57,13 @@ def _network(x: np.ndarray) -> np.ndarray:
     return np.concatenate([a * 2 + ramp, np.sin(3 * a) - ramp, a * a], axis=1).astype(np.float32)
 
 
-@pytest.mark.parametrize("shape,window,overlap,blending,batch", [
-    ((37, 50, 45), (16, 24, 32), 0.25, "gaussian", 1),
-    ((20, 30, 30), (16, 16, 16), 0.5, "constant", 3),
-    ((10, 30, 12), (16, 16, 16), 0.25, "gaussian", 4),  # smaller than the window: padded
-    ((50, 60), (32, 32), 0.25, "gaussian", 2),
+@pytest.mark.parametrize("shape,window,overlap,blending,batch,workers", [
+    ((37, 50, 45), (16, 24, 32), 0.25, "gaussian", 1, 1),
+    ((20, 30, 30), (16, 16, 16), 0.5, "constant", 3, 2),
+    ((10, 30, 12), (16, 16, 16), 0.25, "gaussian", 4, 1),  # smaller than the window: padded
+    ((50, 60), (32, 32), 0.25, "gaussian", 2, 3),
 ])
-def test_blended_output_matches_monai(shape, window, overlap, blending, batch):
+def test_blended_output_matches_monai(shape, window, overlap, blending, batch, workers):
     rng = np.random.default_rng(7)
     image = rng.normal(size=(1, *shape)).astype(np.float32)
 
@@ -74,7 +74,8 @@ def test_blended_output_matches_monai(shape, window, overlap, blending, batch):
         planes.append((lo, hi))
         out[:, lo:hi] = summed / weights
 
-    n = sliding_window(image, window, _network, finish, overlap=overlap, blending=blending, batch=batch)
+    n = sliding_window(image, window, _network, finish, overlap=overlap, blending=blending, batch=batch,
+                       workers=workers)
 
     def predictor(t):
         return torch.from_numpy(_network(t.numpy()))
