@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -58,7 +59,7 @@ class InputError(VolumeError):
 
 def predict_segmentation(datasets: Sequence[Dataset], card: ModelCard, loaded: LoadedModel, *,
                          batch_size: int = 16, timings: dict[str, float] | None = None,
-                         window_batch: int = 0) -> tuple[list[Dataset], np.ndarray]:
+                         window_batch: int = 0, window_workers: int = 0) -> tuple[list[Dataset], np.ndarray]:
     """(source instances, result) for a segmentation card.
 
     The result is on the source grid, in the order ``build_segmentation`` takes (slices as
@@ -75,7 +76,7 @@ def predict_segmentation(datasets: Sequence[Dataset], card: ModelCard, loaded: L
     if _classic(card):
         result = _predict_classic(vol, card, loaded, batch_size, timings)
     else:
-        result = _predict_volume(vol, card, loaded, timings, window_batch)
+        result = _predict_volume(vol, card, loaded, timings, _Windows(window_batch, window_workers))
     sources = vol.sources
     if len(sources) == 1 and len(vol.datasets) > 1:
         # One multi-frame image: planes were sorted by position, the SEG follows frame order.
@@ -133,6 +134,24 @@ def _predict_classic(vol: Volume, card: ModelCard, loaded: LoadedModel, batch_si
     return np.ascontiguousarray(masks.transpose(0, 2, 3, 1))
 
 
+@dataclass(frozen=True)
+class _Windows:
+    """How sliding windows are run: ``batch`` per Run() (0: the card's), ``workers`` Run() calls
+    in flight (0: automatic)."""
+
+    batch: int = 0
+    workers: int = 0
+
+    def workers_for(self, loaded: LoadedModel) -> int:
+        if self.workers:
+            return self.workers
+        # A GPU runs one window batch at a time best; on the CPU see CPU_WINDOW_WORKERS.
+        return 1 if loaded.on_gpu else CPU_WINDOW_WORKERS
+
+
+CPU_WINDOW_WORKERS = 1
+
+
 class _Collector:
     """Keeps the decision per voxel of blended outputs: labels (exclusive classes) or masks."""
 
@@ -161,13 +180,13 @@ class _Collector:
 
 
 def _predict_volume(vol: Volume, card: ModelCard, loaded: LoadedModel, timings: dict[str, float],
-                    window_batch: int) -> np.ndarray:
+                    windows: _Windows) -> np.ndarray:
     spec = card.input
     pp = spec.preprocessing
     t = time.perf_counter()
     value_range = preprocess.value_range(vol.datasets[0], rescale=pp.rescale)
     if spec.layout == "2d":
-        result = _predict_slices(vol, card, loaded, value_range, timings, window_batch)
+        result = _predict_slices(vol, card, loaded, value_range, timings, windows)
         timings["model_and_blend"] = time.perf_counter() - t
         return result
     x = preprocess.apply_intensity(vol.pixels, pp, photometric=vol.photometric, value_range=value_range, layout="3d")
@@ -180,7 +199,7 @@ def _predict_volume(vol: Volume, card: ModelCard, loaded: LoadedModel, timings: 
     x = np.ascontiguousarray(x, np.float32)[np.newaxis]  # [C=1, *spatial]
     timings["preprocess"] = time.perf_counter() - t
     t = time.perf_counter()
-    out = _run_spatial(x, card, loaded, window_batch)
+    out = _run_spatial(x, card, loaded, windows)
     timings["model_and_blend"] = time.perf_counter() - t
     t = time.perf_counter()
     # Back to the source grid: labels (or masks) by nearest neighbour, then the axes undone.
@@ -192,7 +211,7 @@ def _predict_volume(vol: Volume, card: ModelCard, loaded: LoadedModel, timings: 
     return out
 
 
-def _run_spatial(x: np.ndarray, card: ModelCard, loaded: LoadedModel, window_batch: int) -> np.ndarray:
+def _run_spatial(x: np.ndarray, card: ModelCard, loaded: LoadedModel, windows: _Windows) -> np.ndarray:
     """x [C, *spatial] on the network grid -> labels [*spatial] or masks [K, *spatial]."""
     spec = card.input
     spatial = x.shape[1:]
@@ -200,7 +219,8 @@ def _run_spatial(x: np.ndarray, card: ModelCard, loaded: LoadedModel, window_bat
     sw = spec.sliding_window
     if sw is not None:
         sliding_window(x, sw.size, _runner(loaded, card), collect, overlap=sw.overlap, blending=sw.blending,
-                       sigma_scale=sw.sigma_scale, batch=window_batch or sw.batch)
+                       sigma_scale=sw.sigma_scale, batch=windows.batch or sw.batch,
+                       workers=windows.workers_for(loaded))
         return collect.out
     pads = geometry.divisible_padding(spatial, spec.size_divisor) if spec.size_divisor else [(0, 0)] * len(spatial)
     if any(p != (0, 0) for p in pads):
@@ -213,7 +233,7 @@ def _run_spatial(x: np.ndarray, card: ModelCard, loaded: LoadedModel, window_bat
 
 
 def _predict_slices(vol: Volume, card: ModelCard, loaded: LoadedModel, value_range: tuple[float, float],
-                    timings: dict[str, float], window_batch: int) -> np.ndarray:
+                    timings: dict[str, float], windows: _Windows) -> np.ndarray:
     """2D models with the volumetric keys (window, exclusive classes, logits): slice by slice."""
     pp = card.input.preprocessing
     rows, cols = vol.pixels.shape[1:3]
@@ -226,7 +246,7 @@ def _predict_slices(vol: Volume, card: ModelCard, loaded: LoadedModel, value_ran
         size = preprocess.target_size(x.shape, pp, vol.spacing[1:])
         if size is not None and tuple(size) != x.shape:
             x = preprocess.resize(x, size)
-        y = _run_spatial(np.ascontiguousarray(x[np.newaxis], np.float32), card, loaded, window_batch)
+        y = _run_spatial(np.ascontiguousarray(x[np.newaxis], np.float32), card, loaded, windows)
         y = geometry.nearest_resize(y, (rows, cols))
         out[i] = y if exclusive else np.moveaxis(y, 0, -1)
     return out
@@ -248,14 +268,16 @@ def predict_classification(datasets: Sequence[Dataset], card: ModelCard, loaded:
 
 def infer(datasets: Sequence[Dataset], card: ModelCard, model_uid: str, loaded: LoadedModel, *,
           batch_size: int = 16, station_name: str = "MODELNODE",
-          segmentation_type: str = "BINARY") -> tuple[Dataset, dict[str, float]]:
+          segmentation_type: str = "BINARY", window_batch: int = 0,
+          window_workers: int = 0) -> tuple[Dataset, dict[str, float]]:
     """Run ``loaded`` (the session of ``model_uid``) on a series; returns (result object, timings).
 
     ``segmentation_type``: BINARY or LABELMAP, how a segmentation result is encoded.
     """
     timings: dict[str, float] = {}
     if card.task.type == "segmentation":
-        sources, masks = predict_segmentation(datasets, card, loaded, batch_size=batch_size, timings=timings)
+        sources, masks = predict_segmentation(datasets, card, loaded, batch_size=batch_size, timings=timings,
+                                              window_batch=window_batch, window_workers=window_workers)
         t = time.perf_counter()
         result = build_segmentation(sources, masks, card, model_uid, station_name=station_name,
                                     segmentation_type=segmentation_type)

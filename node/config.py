@@ -159,6 +159,11 @@ class InferenceSection:
     intra_op_threads: int = 0  # 0: one per core the node may use
     inter_op_threads: int = 1
     batch_size: int = 16  # slices per Run() for 2D models
+    # Sliding-window models: windows per Run() (0: the card's sliding_window.batch) and Run()
+    # calls in flight at once (0: decided per provider, see docs/pipeline.md).
+    window_batch: int = 0
+    window_workers: int = 0
+    trt_fp16: bool = False  # TensorRT may run layers in half precision
     session_cache_mb: int = 2048  # ONNX sessions kept warm, bounded by model size
     overrides: list[InferenceModelOverride] = field(default_factory=list)
 
@@ -468,6 +473,9 @@ def _check(cfg: Config, problems: list[tuple[str, str]]) -> None:
         problems.append(("inference.intra_op_threads", "thread counts must not be negative"))
     if inf.batch_size < 1:
         problems.append(("inference.batch_size", "must be at least 1"))
+    for key in ("window_batch", "window_workers"):
+        if getattr(inf, key) < 0:
+            problems.append((f"inference.{key}", "must be 0 (automatic) or positive"))
     _check_results(cfg.results, problems)
     peer_names = {p.ae_title for p in cfg.peers if p is not None}
     for i, route in enumerate(cfg.export.routes):

@@ -76,6 +76,7 @@ class Pipeline:
             providers=tuple(inf.providers), intra_op_threads=inf.intra_op_threads,
             inter_op_threads=inf.inter_op_threads, batch_size=inf.batch_size,
             cache_bytes=inf.session_cache_mb << 20,
+            trt_cache_dir=str(ctx.config.data_dir / "trt-cache"), trt_fp16=inf.trt_fp16,
         ))
         self.normaliser = AnatomyNormaliser(extra_synonyms=cfg.anatomy.synonyms)
         self._send = sender or self._c_store
@@ -317,7 +318,9 @@ class Pipeline:
         t = time.perf_counter()
         result_ds, infer_timings = infer(datasets, record.card, record.uid, loaded,
                                          batch_size=self.ctx.config.inference.batch_size,
-                                         segmentation_type=seg_type)
+                                         segmentation_type=seg_type,
+                                         window_batch=self.ctx.config.inference.window_batch,
+                                         window_workers=self.ctx.config.inference.window_workers)
         timings.update(infer_timings)
         timings["inference_total"] = time.perf_counter() - t
         return result_ds, timings
