@@ -157,6 +157,21 @@ def test_stacked_masks_that_do_not_overlap_make_the_same_labelmap():
         assert seg.NumberOfFrames == made[0].NumberOfFrames
 
 
+def test_many_stacked_classes_make_the_same_binary_seg_as_their_label_map():
+    """Beyond a few classes, BINARY from a stack without overlap goes through a label map; with
+    an overlap it stays a stack, and every (plane, class) with pixels is still one frame."""
+    card = _card(12)
+    src = ct_series(n=6, rows=32, cols=32)
+    labels = _label_map((6, 32, 32), 12, seed=5)
+    stacked = np.stack([labels == k for k in range(1, 13)], axis=-1)
+    a, b = (build_segmentation(src, m, card, MODEL_UID, content_datetime=WHEN) for m in (labels, stacked))
+    assert (a.PixelData, a.NumberOfFrames, a.SegmentsOverlap) == (b.PixelData, b.NumberOfFrames, "NO")
+    stacked[2, 0, 0, :2] = True
+    seg = build_segmentation(src, stacked, card, MODEL_UID, content_datetime=WHEN)
+    assert seg.SegmentsOverlap == "YES"
+    assert seg.NumberOfFrames == int(stacked.any(axis=(1, 2)).sum())
+
+
 def test_overlapping_masks_are_refused_for_labelmap_and_kept_for_binary():
     card = _card(3)
     src = ct_series(n=4, rows=16, cols=16)
