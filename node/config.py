@@ -47,6 +47,9 @@ class Peer:
     # What this peer may do when it calls us (issue 7 fills in the enforcement).
     permissions: list[str] = field(default_factory=lambda: ["echo", "store-images", "store-models", "query", "retrieve"])
     tls: bool = False
+    # How the node retrieves a UPS workitem's inputs from this peer (node.ups.retrieve): "move"
+    # (C-MOVE to our own AE title, which the peer must know) or "get" (C-GET, same association).
+    retrieve: str = "move"
 
 
 @dataclass
@@ -290,6 +293,31 @@ class MetricsSection:
 
 
 @dataclass
+class UpsSection:
+    """AI on request: the UPS SCP and the Task Performer (node.ups, docs/dimse.md)."""
+
+    # Offer UPS Push, Pull, Watch, Event and Query (N-CREATE, N-ACTION, N-GET, N-SET, C-FIND).
+    enabled: bool = True
+    # Perform the workitems whose Scheduled Workitem Code Sequence uses the 99MODELNODE scheme:
+    # retrieve the inputs, run the model, store the results, complete. Off: a worklist only.
+    perform: bool = True
+    # Retrieving the inputs: attempts in all on a transient failure (peer down, association
+    # aborted), waiting base_delay * 2**n (at most max_delay) between them; then CANCELED.
+    retrieve_attempts: int = 3
+    retrieve_base_delay: float = 2.0
+    retrieve_max_delay: float = 30.0
+    # Longest silence from the source peer during one C-MOVE or C-GET (its DIMSE timeout).
+    retrieve_timeout: float = 600.0
+    # A workitem a killed node left IN PROGRESS is resumed at start; after this many starts it
+    # is CANCELED (a workitem that kills the node must not do so for ever).
+    max_attempts: int = 3
+    # N-EVENT-REPORT deliveries per subscriber and event before the event is dropped (logged).
+    event_attempts: int = 3
+    # How often the performer looks at the jobs of the workitems it performs.
+    poll_seconds: float = 0.5
+
+
+@dataclass
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     storage: StorageSection = field(default_factory=StorageSection)
@@ -306,6 +334,7 @@ class Config:
     security: SecuritySection = field(default_factory=SecuritySection)
     audit: AuditSection = field(default_factory=AuditSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    ups: UpsSection = field(default_factory=UpsSection)
     peers: list[Peer] = field(default_factory=list)
     users: list[User] = field(default_factory=list)
     source: str = ""  # the file it came from, "" for the embedded defaults
@@ -504,7 +533,21 @@ def _check(cfg: Config, problems: list[tuple[str, str]]) -> None:
         for perm in p.permissions:
             if perm not in PERMISSIONS:
                 problems.append((f"{key}.permissions", f"unknown permission {perm!r}; known: {sorted(PERMISSIONS)}"))
+        if p.retrieve not in ("move", "get"):
+            problems.append((f"{key}.retrieve", f"must be 'move' or 'get', got {p.retrieve!r}"))
+    _check_ups(cfg.ups, problems)
     _check_service(cfg, problems)
+
+
+def _check_ups(ups: UpsSection, problems: list[tuple[str, str]]) -> None:
+    for key in ("retrieve_attempts", "max_attempts", "event_attempts"):
+        if getattr(ups, key) < 1:
+            problems.append((f"ups.{key}", "must be at least 1"))
+    if ups.retrieve_base_delay < 0 or ups.retrieve_max_delay < ups.retrieve_base_delay:
+        problems.append(("ups.retrieve_base_delay", "must not be negative nor above ups.retrieve_max_delay"))
+    for key in ("retrieve_timeout", "poll_seconds"):
+        if getattr(ups, key) <= 0:
+            problems.append((f"ups.{key}", "must be a positive number of seconds"))
 
 
 def _check_results(res: ResultsSection, problems: list[tuple[str, str]]) -> None:
