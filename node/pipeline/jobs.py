@@ -30,6 +30,7 @@ from typing import Any
 
 import peewee
 
+from node.storage import index
 from node.storage.db import BaseModel, database_proxy, statements, write_transaction
 
 # Named as before node/ was split into stages, so that log filters and greps keep working.
@@ -86,6 +87,32 @@ class Job(BaseModel):
         return json.loads(self.results or "[]")
 
 
+class Hold(BaseModel):
+    """A study (or series) whose arrivals another stage takes itself: :func:`promote_ready`
+    leaves them alone. A UPS workitem holds the study it retrieves (node.ups.performer), so
+    that the instances a C-MOVE brings in become the workitem's job, not a job of their own."""
+
+    key = peewee.CharField(max_length=64, unique=True)  # a Study (or Series) Instance UID
+    owner = peewee.CharField(max_length=80, index=True)  # who holds it, e.g. "ups:<workitem UID>"
+    created_at = peewee.DateTimeField(default=_now)
+
+
+class JobRequest(BaseModel):
+    """What a job was asked for beyond its group, by whoever created it (a UPS workitem).
+
+    ``model``: a model name or UID the selection is limited to ("" lets the selection choose
+    among all). ``destinations``: JSON list of ``[[peers]]`` AE titles its results go to
+    instead of the ``[export]`` routes (None: the routes)."""
+
+    job_id = peewee.IntegerField(unique=True)
+    origin = peewee.CharField(max_length=80, index=True)
+    model = peewee.CharField(max_length=64, default="")
+    destinations = peewee.TextField(null=True)
+
+    def destination_list(self) -> list[str] | None:
+        return None if self.destinations is None else json.loads(self.destinations)
+
+
 # --------------------------------------------------------------------------- arrivals
 
 
@@ -121,7 +148,8 @@ def promote_ready(quiet_seconds: float, now: _dt.datetime | None = None) -> list
     db = database_proxy.obj
     jobs = []
     with write_transaction(db):
-        ready = list(Arrival.select().where((Arrival.last_received <= cutoff) & (Arrival.open_associations <= 0))
+        ready = list(Arrival.select().where((Arrival.last_received <= cutoff) & (Arrival.open_associations <= 0)
+                                            & _not_held())
                      .order_by(Arrival.last_received, Arrival.group_key))
         for a in ready:
             job = Job.create(group_key=a.group_key, group_by=a.group_by, study_uid=a.study_uid, called_ae=a.called_ae,
@@ -137,13 +165,62 @@ def seconds_until_ready(quiet_seconds: float, now: _dt.datetime | None = None) -
     """When the next group with no open association becomes ready (0 if one already is);
     None when nothing is waiting for its quiet time to pass."""
     first = (Arrival.select(peewee.fn.MIN(Arrival.last_received))
-             .where(Arrival.open_associations <= 0).scalar())
+             .where((Arrival.open_associations <= 0) & _not_held()).scalar())
     if first is None:
         return None
     if isinstance(first, str):  # SQLite returns the aggregate as text
         first = _dt.datetime.fromisoformat(first)
     now = now or _now()
     return max(0.0, (first - now).total_seconds() + quiet_seconds)
+
+
+def _not_held() -> peewee.Expression:
+    held = Hold.select(Hold.key)
+    return ~(Arrival.study_uid.in_(held)) & ~(Arrival.group_key.in_(held))
+
+
+# --------------------------------------------------------------------------- holds and requested jobs
+
+
+def hold(keys: list[str], owner: str) -> None:
+    """Keep the arrivals of ``keys`` (study or series UIDs) from becoming jobs until :func:`release`."""
+    with write_transaction():
+        for key in keys:
+            Hold.insert(key=key, owner=owner).on_conflict_ignore().execute()
+
+
+def release(owner: str) -> None:
+    """Drop every hold of ``owner``; the arrivals left under them may become jobs again."""
+    Hold.delete().where(Hold.owner == owner).execute()
+
+
+def create_requested(*, group_key: str, group_by: str, study_uid: str, called_ae: str, calling_ae: str,
+                     origin: str, model: str = "", destinations: list[str] | None = None) -> Job:
+    """A pending job for a group that someone asked for (not one that arrived and went quiet).
+
+    Takes the group's arrival, if the instances came in by C-STORE (a C-MOVE into the node):
+    they belong to this job. Call inside a write transaction, under the node's write lock.
+    """
+    series = index.Series.select(index.Series.id, index.Series.series_uid)
+    if group_by == "study":
+        series = series.join(index.Study).where(index.Study.study_uid == group_key)
+    else:
+        series = series.where(index.Series.series_uid == group_key)
+    series = list(series)
+    taken = Arrival.delete().where(Arrival.group_key.in_([group_key, *(s.series_uid for s in series)])).execute()
+    instances = index.Instance.select().where(index.Instance.series.in_([s.id for s in series])).count()
+    job = Job.create(group_key=group_key, group_by=group_by, study_uid=study_uid, called_ae=called_ae[:16],
+                     calling_ae=calling_ae[:16], instances=instances, last_instance_at=None)
+    JobRequest.create(job_id=job.id, origin=origin, model=model,
+                      destinations=None if destinations is None else json.dumps(destinations))
+    log.info("job %d: %s %s requested by %s%s (%d arrival(s) taken)", job.id, group_by, short_uid(group_key), origin,
+             f", model {model}" if model else "", taken)
+    return job
+
+
+def request_of(job_id: int) -> JobRequest | None:
+    """What the job was asked for, if someone asked (see :class:`JobRequest`)."""
+    return JobRequest.get_or_none(JobRequest.job_id == job_id)
 
 
 def reset_after_restart(max_attempts: int) -> tuple[int, int]:

@@ -199,9 +199,11 @@ class Pipeline:
         t_start = time.perf_counter()
         try:
             series_rows = self._series_of(job.group_by, job.group_key)
+            # A job someone asked for (a UPS workitem) may name its model and its destinations.
+            request = jobs.request_of(job.id)
             results: list[SeriesResult] = []
             for series in series_rows:
-                results.append(self._run_series(job, series))
+                results.append(self._run_series(job, series, request.model if request is not None else ""))
             made = [uid for r in results for uid in r.result_uids]
             timings: dict[str, float] = {}
             for r in results:
@@ -216,7 +218,7 @@ class Pipeline:
             with self.ctx.write_lock:
                 jobs.transition(job.id, "done", outcome=outcome, results=json.dumps(made),
                                 selection=json.dumps(selection), timings=json.dumps(timings))
-                queued = self._enqueue_exports(job, results) if made else 0
+                queued = self._enqueue_exports(job, results, request) if made else 0
             if queued:
                 self._export_now.set()
             if not made:
@@ -254,8 +256,12 @@ class Pipeline:
         datasets = [get(r.digest) or pydicom.dcmread(store.path(r.digest)) for r in rows]
         return datasets, tuple(sorted(r.digest for r in rows))
 
-    def _select(self, datasets: list[Dataset], called_ae: str) -> Selection:
+    def _select(self, datasets: list[Dataset], called_ae: str, model: str = "") -> Selection:
         models = self._models()
+        if model:
+            # The requester named the model (name or UID): the others are not candidates. It is
+            # still checked against the series like any other, and rejected with its reasons.
+            models = [(uid, card) for uid, card in models if model in (uid, card.identity.name)]
         seen = image_anatomy(datasets, models, self._session, self.normaliser)
         facts = SeriesFacts.from_datasets(datasets, normaliser=self.normaliser, called_ae=called_ae,
                                           image_anatomy=seen)
@@ -264,19 +270,20 @@ class Pipeline:
     def _models(self) -> list[tuple[str, ModelCard]]:
         return [(r.uid, r.card) for r in self.ctx.app.registry.all_with_terms()]
 
-    def _run_series(self, job: jobs.Job, series: index.Series) -> SeriesResult:
+    def _run_series(self, job: jobs.Job, series: index.Series, model: str = "") -> SeriesResult:
         timings: dict[str, float] = {}
         t = time.perf_counter()
         datasets, digests = self._load_series(series)
         timings["load"] = time.perf_counter() - t
         t = time.perf_counter()
-        sel = self._select(datasets, job.called_ae)
+        sel = self._select(datasets, job.called_ae, model)
         timings["select"] = time.perf_counter() - t
         metrics.SELECTIONS.labels("model" if sel.best else "no_model").inc()
         self.audit.record(audit_events.SELECTION, job=job.id, series_uid=series.series_uid,
                           model_uid=sel.best.uid if sel.best else "", outcome="model" if sel.best else "no-suitable-model")
-        log.info("job %d: selection for series %s (%s, %d instance(s)):\n%s", job.id,
-                 jobs.short_uid(series.series_uid), series.modality, len(datasets), sel.explain())
+        log.info("job %d: selection for series %s (%s, %d instance(s))%s:\n%s", job.id,
+                 jobs.short_uid(series.series_uid), series.modality, len(datasets),
+                 f", limited to the requested model {model}" if model else "", sel.explain())
         if sel.best is None:
             return SeriesResult(series.series_uid, sel, [], timings)
         record = self.ctx.app.registry.get(sel.best.uid)
@@ -384,9 +391,10 @@ class Pipeline:
             out += [d for d in route.destinations if d not in out]
         return out
 
-    def _enqueue_exports(self, job: jobs.Job, results: list[SeriesResult]) -> int:
+    def _enqueue_exports(self, job: jobs.Job, results: list[SeriesResult], request: jobs.JobRequest | None = None) -> int:
         fresh = jobs.Job.get_by_id(job.id)
-        dests = self.destinations(fresh, fresh.model_uid, fresh.model_name)
+        requested = request.destination_list() if request is not None else None
+        dests = requested if requested is not None else self.destinations(fresh, fresh.model_uid, fresh.model_name)
         n = 0
         for r in results:
             for uid in r.result_uids:
