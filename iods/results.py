@@ -703,5 +703,6 @@ def _st(text: str) -> str:
 
 def _content_label(name: str) -> str:
     """ContentLabel is a CS (upper case, digits, space, underscore; 16 chars)."""
-    label = re.sub(r"[^A-Z0-9_]", "_", name.upper()).strip("_")[:16]
+    # Cut, then strip: a cut can end on an underscore, which a CS may not end with.
+    label = re.sub(r"[^A-Z0-9_]", "_", name.upper())[:16].strip("_")
     return label or "AI_RESULT"

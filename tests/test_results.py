@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -648,3 +649,17 @@ def test_fast_overlap_check_agrees_with_highdicom(seg_card):
     for masks, expected in ((disjoint, "NO"), (overlapping, "YES")):
         seg = build_segmentation(src, masks, seg_card, MODEL_UID, content_datetime=WHEN)
         assert seg.SegmentsOverlap == expected
+
+
+@pytest.mark.parametrize("name,label", [
+    ("byom-monai-unet-ras", "BYOM_MONAI_UNET"),  # the 16th character is a dash: cut, then stripped
+    ("modelnode-lung-unet", "MODELNODE_LUNG_U"),
+    ("--x--", "X"),
+    ("äöü", "AI_RESULT"),
+])
+def test_content_label_is_a_valid_code_string(name, label):
+    from iods.results import _content_label
+
+    assert _content_label(name) == label
+    # What highdicom checks before it accepts a ContentLabel (CS: no trailing space or underscore).
+    assert re.fullmatch(r"[A-Z0-9_ ]{1,16}", label) and not label.endswith(("_", " "))
