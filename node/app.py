@@ -16,11 +16,13 @@ from node.storage import index, registry
 from node.storage.db import open_database
 from node.storage.objects import ObjectStore
 from node.storage.registry import Registry
+from node.ups import store as ups_store
 
 
 def tables() -> list[type[peewee.Model]]:
-    """Every table of the node: the index, the model registry, the jobs and the outbox."""
-    modules = (index, registry, jobs, outbox)
+    """Every table of the node: the index, the model registry, the jobs, the outbox and the UPS
+    workitems and subscriptions."""
+    modules = (index, registry, jobs, outbox, ups_store)
     return [obj for module in modules for obj in vars(module).values()
             if isinstance(obj, type) and issubclass(obj, peewee.Model) and obj.__module__ == module.__name__
             and not getattr(obj._meta, "abstract", False)]

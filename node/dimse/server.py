@@ -14,6 +14,8 @@ Services (see docs/dimse.md for the conformance statement):
   over them.
 * Query/Retrieve SCP, Patient and Study Root FIND/MOVE/GET (:mod:`node.dimse.find_scp`,
   :mod:`node.dimse.retrieve_scp`).
+* Unified Procedure Step SCP, Push, Pull, Watch, Event and Query (:mod:`node.ups.scp`), with the
+  node as Task Performer (:mod:`node.ups.performer`) when ``[ups] perform`` is on.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    UnifiedProcedureStepEvent,
+    UnifiedProcedureStepPull,
+    UnifiedProcedureStepPush,
+    UnifiedProcedureStepQuery,
+    UnifiedProcedureStepWatch,
     Verification,
 )
 
@@ -56,6 +63,8 @@ log = logging.getLogger("modelnode.server")
 FIND_CLASSES = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
 MOVE_CLASSES = (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove)
 GET_CLASSES = (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet)
+UPS_CLASSES = (UnifiedProcedureStepPush, UnifiedProcedureStepPull, UnifiedProcedureStepWatch,
+               UnifiedProcedureStepEvent, UnifiedProcedureStepQuery)
 
 
 def _peer_desc(assoc: Any) -> str:
@@ -73,6 +82,13 @@ class Node:
         self.app = app or open_app(config)
         self.ctx = NodeContext(self.app)
         self.ae = self._build_ae()
+        # AI on request (node.ups): the workitems, their subscribers and, from start(), the performer.
+        self.ups: Any = None
+        self.performer: Any = None
+        if config.ups.enabled:
+            from node.ups.service import UpsService
+
+            self.ups = UpsService(self.ctx)
         from node.security.guard import Security
 
         # Allow-list, user identity, per-peer permissions, disk guard, audit and metrics hooks.
@@ -107,6 +123,9 @@ class Node:
 
         for sop_class in (*FIND_CLASSES, *MOVE_CLASSES, *GET_CLASSES):
             ae.add_supported_context(sop_class, syntaxes.QUERY)
+        if self.config.ups.enabled:
+            for sop_class in UPS_CLASSES:
+                ae.add_supported_context(sop_class, syntaxes.QUERY)
         # Known to the negotiation, so never taken for unknown: the retired classes when they
         # are off, too (pydicom knows them).
         known = {str(cx.abstract_syntax) for cx in ae.supported_contexts}
@@ -124,10 +143,19 @@ class Node:
             (evt.EVT_RELEASED, self._on_released, []),
             (evt.EVT_C_ECHO, self._on_echo, []),
             (evt.EVT_C_STORE, store_handler.handle_store, [ctx]),
-            (evt.EVT_C_FIND, find_scp.handle_find, [ctx]),
+            (evt.EVT_C_FIND, find_scp.handle_find, [ctx, self.ups]),
             (evt.EVT_C_MOVE, retrieve_scp.handle_move, [ctx]),
             (evt.EVT_C_GET, retrieve_scp.handle_get, [ctx]),
         ]
+        if self.ups is not None:
+            from node.ups import scp as ups_scp
+
+            bound += [
+                (evt.EVT_N_CREATE, ups_scp.handle_n_create, [self.ups]),
+                (evt.EVT_N_ACTION, ups_scp.handle_n_action, [self.ups]),
+                (evt.EVT_N_GET, ups_scp.handle_n_get, [self.ups]),
+                (evt.EVT_N_SET, ups_scp.handle_n_set, [self.ups]),
+            ]
         return bound
 
     # ------------------------------------------------------------------ association events
@@ -200,12 +228,29 @@ class Node:
             self._metrics = metrics.start_metrics_server(self.config.metrics.port, self.config.metrics.bind)
         if self.pipeline is not None:
             self.pipeline.start()
+        self._start_ups()
         # The port is bound and the database open: tell systemd (no-op outside it).
         systemd.notify(f"READY=1\nSTATUS=serving {n.ae_title} on {n.bind}:{self.port}")
         self._watchdog = systemd.Watchdog()
         self._watchdog.start()
         if block:
             self._stopped.wait()
+
+    def _start_ups(self) -> None:
+        """The event sender and, with ``[ups] perform`` and the pipeline on, the Task Performer."""
+        if self.ups is None:
+            return
+        self.ups.events.start()
+        if not self.config.ups.perform:
+            return
+        if self.pipeline is None:
+            log.warning("UPS: [ups] perform is on but [pipeline] is disabled: workitems addressed to the node "
+                        "stay SCHEDULED")
+            return
+        from node.ups.performer import Performer
+
+        self.performer = Performer(self.ctx, self.ups, self.pipeline.wake)
+        self.performer.start()
 
     @property
     def port(self) -> int:
@@ -227,6 +272,11 @@ class Node:
             server.shutdown()  # the listening sockets close: new callers are refused
         self._drain(self.config.node.shutdown_timeout)
         self.ae.shutdown()
+        if self.performer is not None:
+            # A workitem cut short stays IN PROGRESS in the database and is resumed at start.
+            self.performer.stop(timeout=10)
+        if self.ups is not None:
+            self.ups.events.stop(timeout=5)
         if self.pipeline is not None:
             # A job cut short here stays 'running' in the database and is requeued at start.
             self.pipeline.stop(timeout=10)
