@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from node.cli.common import EXIT_CODES_HELP, CliError
 
 # Modules that add subcommands: each has ``register(subparsers)``.
-COMMANDS = ("node.cli.models", "node.cli.serve", "node.cli.scu", "node.cli.select", "node.cli.jobs", "node.cli.admin")
+COMMANDS = ("node.cli.models", "node.cli.serve", "node.cli.scu", "node.cli.select", "node.cli.jobs", "node.cli.tasks",
+            "node.cli.admin")
 
 
 def build_parser() -> argparse.ArgumentParser:

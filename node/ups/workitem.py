@@ -180,11 +180,12 @@ def requested_model(ds: Dataset) -> str | None:
 def _retrieve_ae(item: Dataset) -> list[str]:
     found: list[str] = []
     for sub in item.get("DICOMRetrievalSequence") or []:
-        found += _values(sub.get("RetrieveAETitle"))
-    return found + _values(item.get("RetrieveAETitle"))
+        found += values(sub.get("RetrieveAETitle"))
+    return found + values(item.get("RetrieveAETitle"))
 
 
-def _values(value: object) -> list[str]:
+def values(value: object) -> list[str]:
+    """A possibly multi-valued text element's values, stripped, without empty ones."""
     if value is None or value == "":
         return []
     if isinstance(value, str):
@@ -225,7 +226,7 @@ def parse_task(ds: Dataset, *, is_peer: Callable[[str], bool], own_ae: str,
         study = text(item, "StudyInstanceUID")
         if not valid_uid(study):
             raise Refused(INVALID_ATTRIBUTE_VALUE, f"{where}: no valid Study Instance UID (0020,000D)")
-        series = _values(item.get("SeriesInstanceUID"))
+        series = values(item.get("SeriesInstanceUID"))
         series += [text(s, "SeriesInstanceUID") for s in item.get("ReferencedSeriesSequence") or []]
         bad = [s for s in series if not valid_uid(s)]
         if bad:
@@ -253,7 +254,7 @@ def parse_task(ds: Dataset, *, is_peer: Callable[[str], bool], own_ae: str,
         destinations = []
         for item in ds.OutputDestinationSequence:
             for storage in item.get("DICOMStorageSequence") or []:
-                destinations += _values(storage.get("DestinationAE"))
+                destinations += values(storage.get("DestinationAE"))
         unknown = [d for d in destinations if not is_peer(d)]
         if unknown:
             raise Refused(INVALID_ATTRIBUTE_VALUE, f"Output Destination Sequence: Destination AE {unknown[0]!r} is not "
@@ -283,6 +284,55 @@ def final_state_problem(ds: Dataset, state: str) -> str:
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def request(study_uid: str, retrieve_ae: str, *, series_uids: list[str] | None = None, model: str = "",
+            destinations: list[str] | None = None, label: str = "", priority: str = "MEDIUM") -> Dataset:
+    """An N-CREATE Attribute List asking the node to run ``model`` (name or UID; "" lets it
+    select) on a study, or on some of its series, retrieved from ``retrieve_ae``; results to
+    ``destinations`` (None: the node's export routes). What ``modelnode run`` sends."""
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority {priority!r} is not one of {', '.join(PRIORITIES)}")
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.ProcedureStepState = SCHEDULED
+    ds.ScheduledProcedureStepPriority = priority
+    ds.InputReadinessState = "READY"
+    ds.ProcedureStepLabel = (label or f"{model or 'AI'} on study {study_uid}")[:64]
+    ds.ScheduledProcedureStepStartDateTime = now_dt()
+    ds.ScheduledWorkitemCodeSequence = [code_item(model or SELECT, SCHEME,
+                                                  f"Run {model}" if model else "Select the model that fits")]
+    items = []
+    for series in series_uids or [None]:
+        item = Dataset()
+        item.TypeOfInstances = "DICOM"
+        item.StudyInstanceUID = study_uid
+        if series:
+            item.SeriesInstanceUID = series
+        item.ReferencedSOPSequence = []
+        where = Dataset()
+        where.RetrieveAETitle = retrieve_ae
+        item.DICOMRetrievalSequence = [where]
+        items.append(item)
+    ds.InputInformationSequence = items
+    if destinations is not None:
+        out = Dataset()
+        out.DICOMStorageSequence = []
+        for ae in destinations:
+            storage = Dataset()
+            storage.DestinationAE = ae
+            out.DICOMStorageSequence.append(storage)
+        ds.OutputDestinationSequence = [out]
+    return ds
+
+
+def results_of(ds: Dataset) -> list[str]:
+    """The SOP Instance UIDs the Output Information Sequence references."""
+    out = []
+    for performed in ds.get("UnifiedProcedureStepPerformedProcedureSequence") or []:
+        for item in performed.get("OutputInformationSequence") or []:
+            out += [text(r, "ReferencedSOPInstanceUID") for r in item.get("ReferencedSOPSequence") or []]
+    return out
 
 
 def output_information(results: Iterable[Result], retrieve_ae: list[str]) -> Sequence:
