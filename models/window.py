@@ -13,7 +13,7 @@ The windows, their order and their weights are MONAI's ``sliding_window_inferenc
 So a MONAI model gives the same blended outputs here as under MONAI, to float rounding.
 
 What is new is the memory. MONAI holds the whole output, [classes, *image] in float32, for the
-whole run; for 100 classes on a 600 x 512 x 512 CT that is 63 GB. Here windows are visited in
+whole run; for 101 channels of a 600 x 512 x 512 CT that is 59 GiB. Here windows are visited in
 order along the first axis, and the accumulator only spans one window's depth along it
 ([classes, window, *rest]): once every window starting at or before a plane has been added, the
 planes before the next start are final, handed to ``finish`` (which keeps only labels or
