@@ -24,6 +24,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 from iods.uids import RAW_DATA_STORAGE, valid_uid
 from node.dimse import syntaxes
 from node.dimse.compat import client as compat_client
+from node.dimse.compat import receive as compat_receive
 from node.dimse.status import SUCCESS as STATUS_SUCCESS
 
 log = logging.getLogger("modelnode.scu")
@@ -68,18 +69,22 @@ class Receiver:
         try:
             name = safe_name(str(event.request.AffectedSOPInstanceUID))
             fd, tmp = tempfile.mkstemp(suffix=".part", dir=self.out_dir)
-            with os.fdopen(fd, "wb") as fh:
-                raw = event.request.DataSet
-                if raw is None:
-                    # Chunked receive (pynetdicom's STORE_RECV_CHUNKED_DATASET, set when this runs
-                    # inside the node): the data set is already a Part-10 file on disk.
-                    with open(event.dataset_path, "rb") as src:
-                        shutil.copyfileobj(src, fh, 1 << 20)
-                else:
+            received, received_file = compat_receive.received_file(event.request)
+            if received is not None:
+                # Chunked receive (pynetdicom's STORE_RECV_CHUNKED_DATASET, set when this runs
+                # inside the node): the data set is already a Part-10 file on disk, and the
+                # request's DataSet is an empty stand-in (node.dimse.compat.store_messages).
+                # Moved, not copied: a receive file left in the store's tmp/ would stay there.
+                os.close(fd)
+                if received_file is not None and not getattr(received_file, "closed", True):
+                    received_file.close()
+                shutil.move(received, tmp)
+            else:
+                with os.fdopen(fd, "wb") as fh:
                     # The data set bytes as received, behind a File Meta naming the context's syntax.
                     fh.write(b"\x00" * 128 + b"DICM")
                     fh.write(encode_file_meta(event.file_meta))
-                    fh.write(raw.getvalue())
+                    fh.write(event.request.DataSet.getvalue())
             path = self.out_dir / name
             os.replace(tmp, path)
         except Exception as exc:  # noqa: BLE001 (any failure becomes a C-STORE failure status)
