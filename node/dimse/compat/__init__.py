@@ -10,7 +10,8 @@ does not offer. Each module here holds one such concern:
 * :mod:`.receive`: where the chunked receive writes a dataset, and how a handler finds that file;
 * :mod:`.contexts`: the per-association copy of the supported contexts, and the requestor's order
   of transfer syntaxes;
-* :mod:`.client`: byte-exact sending, and ending a server's stuck associations.
+* :mod:`.client`: byte-exact sending, and ending a server's stuck associations;
+* :mod:`.dimse_log`: pynetdicom's DIMSE message logger, fixed for an N-GET of all attributes.
 
 Those names are not pynetdicom's API and may change in any release, so setup.cfg pins
 pynetdicom to :data:`PYNETDICOM_VERSION`, and :func:`check` (run by every ``install_*`` before
@@ -32,14 +33,16 @@ def install_server() -> None:
 
     * datasets go to a file as they arrive, not into memory (a model can be 1 GiB);
     * the tuned reactors (:mod:`.reactor`) and C-STORE messages (:mod:`.store_messages`);
-    * :func:`.contexts.copy_contexts` for the per-association copy of the supported contexts.
+    * :func:`.contexts.copy_contexts` for the per-association copy of the supported contexts;
+    * :mod:`.dimse_log`'s N-GET-RQ logger.
     """
     from pynetdicom import _config, transport
 
-    from node.dimse.compat import contexts, reactor, store_messages
+    from node.dimse.compat import contexts, dimse_log, reactor, store_messages
 
     check()
     _config.STORE_RECV_CHUNKED_DATASET = True
     reactor.install()
     store_messages.install()
     transport.deepcopy = contexts.copy_contexts  # type: ignore[attr-defined]
+    dimse_log.install()

@@ -30,6 +30,7 @@ _MODULE_ATTRIBUTES = (
     "pynetdicom._handlers:standard_pdu_sent_handler",
     "pynetdicom._handlers:standard_dimse_recv_handler",
     "pynetdicom._handlers:standard_dimse_sent_handler",
+    "pynetdicom._handlers:_recv_n_get_rq",
     "pynetdicom.dul:time",
     "pynetdicom.dul:DULServiceProvider.send_pdu",
     "pynetdicom.dul:DULServiceProvider._read_pdu_data",
