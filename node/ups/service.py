@@ -217,8 +217,11 @@ class UpsService:
                  priority=workitem.text(ds, "ScheduledProcedureStepPriority") or item.priority,
                  readiness=workitem.text(ds, "InputReadinessState") or item.readiness)
         log.info("UPS %s: N-SET by %s changed %s", uid, by or "?", ", ".join(changed) or "nothing")
-        if before != workitem.text(ds, "InputReadinessState") and item.performed_here:
-            self.on_work()
+        if before != workitem.text(ds, "InputReadinessState"):
+            # The UPS State Report carries the Input Readiness State too (PS3.4 CC.2.4.2).
+            self._report(uid, ds, item.state)
+            if item.performed_here:
+                self.on_work()
         return verdict, changed
 
     def get(self, uid: str, tags: list[int] | None) -> tuple[int, Dataset | None, str]:
