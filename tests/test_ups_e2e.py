@@ -139,6 +139,10 @@ def test_workitem_retrieves_runs_stores_and_completes_with_the_seg(tmp_path: Pat
             assert query(node, "SELECT COUNT(*) FROM hold") == [(0,)]
             audit = [json.loads(line) for line in (node.data_dir / "audit.jsonl").read_text().splitlines()]
             assert [a["event"] for a in audit].count("result-exported") == 1
+            trail = [a for a in audit if a["event"] == "workitem" and a["workitem_uid"] == uid]
+            assert [(a["state"], a["by"]) for a in trail] == [("SCHEDULED", "WATCHER"), ("IN PROGRESS", "node"),
+                                                              ("COMPLETED", "node")]
+            assert trail[0]["study_uids"] == [study] and trail[-1]["results"] == [seg_uid]
             assert f"UPS {uid} COMPLETED: 1 result(s) {seg_uid}" in node.log()
 
 

@@ -82,17 +82,17 @@ class Node:
         self.app = app or open_app(config)
         self.ctx = NodeContext(self.app)
         self.ae = self._build_ae()
+        from node.security.guard import Security
+
+        # Allow-list, user identity, per-peer permissions, disk guard, audit and metrics hooks.
+        self.security = Security(config)
         # AI on request (node.ups): the workitems, their subscribers and, from start(), the performer.
         self.ups: Any = None
         self.performer: Any = None
         if config.ups.enabled:
             from node.ups.service import UpsService
 
-            self.ups = UpsService(self.ctx)
-        from node.security.guard import Security
-
-        # Allow-list, user identity, per-peer permissions, disk guard, audit and metrics hooks.
-        self.security = Security(config)
+            self.ups = UpsService(self.ctx, audit=self.security.audit)
         self._servers: list[Any] = []
         self._metrics: Any = None
         self._server: Any = None

@@ -8,7 +8,7 @@ field whose key names one (node.ops.logsetup.PHI_KEYS) is dropped on the way in.
 
 Events (docs/operations.md): association-accepted, association-rejected, identity-rejected,
 model-stored, model-replaced, model-removed, model-retrieved, images-stored (one summary per
-association), selection, result-exported.
+association), selection, result-exported, workitem (a UPS workitem created or changing state).
 
 Why a file of its own rather than the journal: the audit trail must outlive log rotation and
 rate limiting, be read by tools that are not journalctl, and be made append-only by the file
@@ -44,8 +44,9 @@ MODEL_RETRIEVED = "model-retrieved"
 IMAGES_STORED = "images-stored"
 SELECTION = "selection"
 RESULT_EXPORTED = "result-exported"
+WORKITEM = "workitem"
 EVENTS = frozenset({ASSOCIATION_ACCEPTED, ASSOCIATION_REJECTED, IDENTITY_REJECTED, MODEL_STORED, MODEL_REPLACED,
-                    MODEL_REMOVED, MODEL_RETRIEVED, IMAGES_STORED, SELECTION, RESULT_EXPORTED})
+                    MODEL_REMOVED, MODEL_RETRIEVED, IMAGES_STORED, SELECTION, RESULT_EXPORTED, WORKITEM})
 
 
 def _now() -> str:

@@ -35,6 +35,7 @@ from node.dimse.status import (
     UPS_NO_SUCH_INSTANCE,
     UPS_UNKNOWN_RECEIVING_AE,
 )
+from node.ops.audit import WORKITEM, AuditLog
 from node.storage.db import write_transaction
 from node.storage.registry import ModelRecord
 from node.ups import match, states, subscriptions, workitem
@@ -63,10 +64,12 @@ class Created:
 class UpsService:
     """The UPS SCP's state, over the node's database; ``events`` delivers the reports."""
 
-    def __init__(self, ctx: NodeContext, events: EventSender | None = None) -> None:
+    def __init__(self, ctx: NodeContext, events: EventSender | None = None, audit: AuditLog | None = None) -> None:
         self.ctx = ctx
         cfg = ctx.config
         self.events = events if events is not None else EventSender(cfg, attempts=cfg.ups.event_attempts)
+        # Who asked for what on which study, and how it ended (docs/operations.md, "workitem").
+        self.audit = audit if audit is not None else AuditLog(cfg.audit_path, enabled=False)
         # The performer registers here to be woken when there is work (a workitem created,
         # made READY, or a cancel requested for one it performs).
         self.on_work: Callable[[], None] = lambda: None
@@ -123,6 +126,9 @@ class UpsService:
                  "performed here" if performed_here else "for another performer",
                  f", model {model or 'selected by the node'}" if model is not None else "",
                  f"; filled in {', '.join(filled)}" if filled else "")
+        studies = [workitem.text(i, "StudyInstanceUID") for i in ds.get("InputInformationSequence") or []]
+        self.audit.record(WORKITEM, workitem_uid=uid, state=SCHEDULED, by=requester, study_uids=studies,
+                          model=None if model is None else (model or "SELECT"))
         for ae in watchers:
             self.events.send(ae, STATE_REPORT, uid, workitem.state_report(ds, SCHEDULED))
         if performed_here:
@@ -155,6 +161,7 @@ class UpsService:
             # PS3.4 CC.2.4.3.1: a SCHEDULED workitem is canceled by the SCP as if it had been
             # claimed and then canceled, and the subscribers see both states.
             log.info("UPS %s canceled at the request of %s (it was SCHEDULED): %s", uid, requester or "?", reason)
+            self.audit.record(WORKITEM, workitem_uid=uid, state=CANCELED, by=requester, reason=reason)
             self._report(uid, ds, IN_PROGRESS, CANCELED)
         else:
             log.info("UPS %s: cancel requested by %s while IN PROGRESS%s: %s", uid, requester or "?",
@@ -193,6 +200,7 @@ class UpsService:
                     save(item, ds, state=COMPLETED, finished_at=_now())
         log.info("UPS %s: %s -> %s by %s", uid, "SCHEDULED" if verdict.new_state == IN_PROGRESS else IN_PROGRESS,
                  verdict.new_state, by or "?")
+        self.audit.record(WORKITEM, workitem_uid=uid, state=verdict.new_state, by=by)
         self._report(uid, ds, verdict.new_state)  # type: ignore[arg-type]
         return verdict
 
@@ -308,6 +316,7 @@ class UpsService:
             save(item, ds, state=IN_PROGRESS, transaction_uid=str(generate_uid()), claimed_here=True,
                  started_at=_now(), stage="retrieve", attempts=item.attempts + 1)
         log.info("UPS %s claimed by the node (IN PROGRESS)", item.uid)
+        self.audit.record(WORKITEM, workitem_uid=item.uid, state=IN_PROGRESS, by="node")
         self._report(item.uid, ds, IN_PROGRESS)
         return item
 
@@ -342,6 +351,8 @@ class UpsService:
                 workitem.progress(ds, 100, "completed")
                 save(fresh, ds, state=COMPLETED, finished_at=_now(), stage="", **fields)
                 state = COMPLETED
+        self.audit.record(WORKITEM, workitem_uid=item.uid, state=state, by="node", reason=reason or None,
+                          results=[r.sop_instance for r in results or []] if state == COMPLETED else None)
         if state == CANCELED:
             log.warning("UPS %s CANCELED: %s", item.uid, reason)
         else:
