@@ -25,7 +25,7 @@ from models import geometry, preprocess
 from models.geometry import Reorientation, reorientation
 from models.runtime import LoadedModel
 from models.volume import Volume, VolumeError, load_volume
-from models.window import sliding_window
+from models.window import channel_argmax, sliding_window
 
 
 class ModelRunError(RuntimeError):
@@ -173,7 +173,7 @@ class _Collector:
     def __call__(self, lo: int, hi: int, summed: np.ndarray, weights: np.ndarray | None) -> None:
         if self.exclusive:
             # Weights are positive and the same for every class: the argmax needs no division.
-            self.out[lo:hi] = summed.argmax(axis=0)
+            channel_argmax(summed, self.out[lo:hi])
         else:
             values = summed / weights if weights is not None else summed
             self.out[:, lo:hi] = values > self.thresholds

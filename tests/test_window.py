@@ -153,3 +153,14 @@ def test_nearest_resize_inverts_a_resample_grid():
     np.testing.assert_array_equal(up[0], np.repeat(np.arange(6), 2))
     assert up.dtype == np.uint8
     assert geometry.divisible_padding((15, 16, 17), (8, 8, 8)) == [(0, 1), (0, 0), (3, 4)]
+
+
+@pytest.mark.parametrize("k", [2, 8, 101])
+def test_channel_argmax_is_numpys_with_its_ties(k):
+    from models.window import channel_argmax
+
+    rng = np.random.default_rng(k)
+    summed = rng.integers(0, 4, size=(k, 5, 6, 7)).astype(np.float32)  # many ties
+    out = np.empty((5, 6, 7), np.uint8)
+    channel_argmax(summed, out)
+    np.testing.assert_array_equal(out, summed.argmax(axis=0))
