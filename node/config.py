@@ -315,6 +315,10 @@ class UpsSection:
     event_attempts: int = 3
     # How often the performer looks at the jobs of the workitems it performs.
     poll_seconds: float = 0.5
+    # Pull mode (node.ups.pull): Task Managers ([[peers]] AE titles) asked every pull_seconds for
+    # SCHEDULED workitems coded 99MODELNODE, which the node claims there, performs and completes.
+    pull_from: list[str] = field(default_factory=list)
+    pull_seconds: float = 10.0
 
 
 @dataclass
@@ -536,6 +540,9 @@ def _check(cfg: Config, problems: list[tuple[str, str]]) -> None:
         if p.retrieve not in ("move", "get"):
             problems.append((f"{key}.retrieve", f"must be 'move' or 'get', got {p.retrieve!r}"))
     _check_ups(cfg.ups, problems)
+    for i, ae in enumerate(cfg.ups.pull_from):
+        if ae not in peer_names:
+            problems.append((f"ups.pull_from[{i}]", f"{ae!r} is not a configured peer"))
     _check_service(cfg, problems)
 
 
@@ -545,7 +552,7 @@ def _check_ups(ups: UpsSection, problems: list[tuple[str, str]]) -> None:
             problems.append((f"ups.{key}", "must be at least 1"))
     if ups.retrieve_base_delay < 0 or ups.retrieve_max_delay < ups.retrieve_base_delay:
         problems.append(("ups.retrieve_base_delay", "must not be negative nor above ups.retrieve_max_delay"))
-    for key in ("retrieve_timeout", "poll_seconds"):
+    for key in ("retrieve_timeout", "poll_seconds", "pull_seconds"):
         if getattr(ups, key) <= 0:
             problems.append((f"ups.{key}", "must be a positive number of seconds"))
 

@@ -89,6 +89,7 @@ class Node:
         # AI on request (node.ups): the workitems, their subscribers and, from start(), the performer.
         self.ups: Any = None
         self.performer: Any = None
+        self.puller: Any = None
         if config.ups.enabled:
             from node.ups.service import UpsService
 
@@ -251,6 +252,11 @@ class Node:
 
         self.performer = Performer(self.ctx, self.ups, self.pipeline.wake)
         self.performer.start()
+        if self.config.ups.pull_from:
+            from node.ups.pull import Puller
+
+            self.puller = Puller(self.ctx, self.ups, self.config.ups.pull_from, interval=self.config.ups.pull_seconds)
+            self.puller.start()
 
     @property
     def port(self) -> int:
@@ -272,6 +278,8 @@ class Node:
             server.shutdown()  # the listening sockets close: new callers are refused
         self._drain(self.config.node.shutdown_timeout)
         self.ae.shutdown()
+        if self.puller is not None:
+            self.puller.stop(timeout=10)
         if self.performer is not None:
             # A workitem cut short stays IN PROGRESS in the database and is resumed at start.
             self.performer.stop(timeout=10)

@@ -83,3 +83,37 @@ def request_cancel(peer: Address, uid: str, reason: str, options: Options) -> An
     return _call(peer, options, "N-ACTION",
                  lambda a: _answer(*a.send_n_action(info, REQUEST_CANCEL, UnifiedProcedureStepPush, uid), peer,
                                    "N-ACTION"))
+
+
+def change_state(peer: Address, uid: str, state: str, transaction_uid: str, options: Options) -> Answer:
+    """N-ACTION Change UPS State (UPS Pull, action 1): claim with ``transaction_uid``, or end."""
+    info = Dataset()
+    info.ProcedureStepState = state
+    info.TransactionUID = transaction_uid
+    return _call(peer, options, "N-ACTION",
+                 lambda a: _answer(*a.send_n_action(info, CHANGE_STATE, UnifiedProcedureStepPull, uid), peer,
+                                   "N-ACTION"))
+
+
+def update(peer: Address, uid: str, modifications: Dataset, options: Options) -> Answer:
+    """N-SET the workitem's attributes (UPS Pull); an IN PROGRESS one needs the Transaction UID
+    in ``modifications``."""
+    return _call(peer, options, "N-SET",
+                 lambda a: _answer(*a.send_n_set(modifications, UnifiedProcedureStepPull, uid), peer, "N-SET"))
+
+
+def find(peer: Address, identifier: Dataset, options: Options) -> list[Dataset]:
+    """C-FIND on the peer's workitems (UPS Pull); the matches, or PeerError on a failure status."""
+    def query(assoc: Association) -> list[Dataset]:
+        found = []
+        for status, ds in assoc.send_c_find(identifier, UnifiedProcedureStepPull):
+            answer = _answer(status, ds, peer, "C-FIND")
+            if answer.status in (0xFF00, 0xFF01):
+                if ds is not None:
+                    found.append(ds)
+            elif answer.status != 0x0000:
+                raise PeerError(f"C-FIND: {peer} answered 0x{answer.status:04X} {answer.comment}".strip(),
+                                transient=False, status=answer.status)
+        return found
+
+    return _call(peer, options, "C-FIND", query)

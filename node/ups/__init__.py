@@ -15,5 +15,6 @@ Modules, in the order a workitem meets them:
 * :mod:`node.ups.service`: every change to a workitem, for the SCP, the performer and the CLI;
 * :mod:`node.ups.scp`: the DIMSE handlers (N-CREATE, N-ACTION, N-GET, N-SET, C-FIND);
 * :mod:`node.ups.retrieve`: the inputs into the node, by C-MOVE or C-GET;
-* :mod:`node.ups.performer`: the Task Performer thread.
+* :mod:`node.ups.performer`: the Task Performer thread;
+* :mod:`node.ups.pull`: pull mode, workitems taken from another Task Manager.
 """

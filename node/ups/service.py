@@ -34,6 +34,7 @@ from node.dimse.status import (
     UPS_CREATED_WITH_MODIFICATIONS,
     UPS_NO_SUCH_INSTANCE,
     UPS_UNKNOWN_RECEIVING_AE,
+    category,
 )
 from node.ops.audit import WORKITEM, AuditLog
 from node.storage.db import write_transaction
@@ -60,6 +61,11 @@ class Created:
     uid: str
     reason: str = ""
 
+    @property
+    def ok(self) -> bool:
+        """Created (success, or a warning such as 0xB300)."""
+        return category(self.status) != "failure"
+
 
 class UpsService:
     """The UPS SCP's state, over the node's database; ``events`` delivers the reports."""
@@ -71,8 +77,10 @@ class UpsService:
         # Who asked for what on which study, and how it ended (docs/operations.md, "workitem").
         self.audit = audit if audit is not None else AuditLog(cfg.audit_path, enabled=False)
         # The performer registers here to be woken when there is work (a workitem created,
-        # made READY, or a cancel requested for one it performs).
+        # made READY, or a cancel requested for one it performs); pull mode to be told when a
+        # workitem becomes final (it writes the outcome back to the Task Manager).
         self.on_work: Callable[[], None] = lambda: None
+        self.on_final: Callable[[str], None] = lambda uid: None
 
     # ------------------------------------------------------------------ helpers
 
@@ -135,6 +143,35 @@ class UpsService:
             self.on_work()
         if filled:
             return Created(UPS_CREATED_WITH_MODIFICATIONS, uid, "filled in " + ", ".join(filled))
+        return Created(SUCCESS, uid)
+
+    def adopt(self, ds: Dataset, uid: str, *, manager: str, transaction_uid: str) -> Created:
+        """Pull mode: keep a copy of the workitem ``uid`` the node claimed at the Task Manager
+        ``manager`` with ``transaction_uid``, for the performer (checked as an N-CREATE is)."""
+        if get(uid) is not None:
+            return Created(DUPLICATE_SOP_INSTANCE, uid, f"a UPS with SOP Instance UID {uid} exists already")
+        if "TransactionUID" in ds:
+            del ds.TransactionUID
+        try:
+            workitem.check_create(ds)
+            if workitem.requested_model(ds) is None:
+                raise workitem.Refused(INVALID_ATTRIBUTE_VALUE, f"no Scheduled Workitem Code in {workitem.SCHEME}")
+            self.task_of(ds)
+        except workitem.Refused as exc:
+            return Created(exc.status, uid, exc.reason)
+        ds.SOPClassUID = UnifiedProcedureStepPush
+        ds.SOPInstanceUID = uid
+        with self.ctx.write_lock, write_transaction(self.ctx.app.db):
+            Workitem.create(uid=uid, state=SCHEDULED, performed_here=True, requester=manager[:16],
+                            label=workitem.text(ds, "ProcedureStepLabel")[:64],
+                            priority=workitem.text(ds, "ScheduledProcedureStepPriority"),
+                            readiness=workitem.text(ds, "InputReadinessState"), dataset=encode_dataset(ds),
+                            remote_ae=manager[:16], remote_transaction_uid=transaction_uid)
+            watchers = subscriptions.on_created(uid, ds)
+        self.audit.record(WORKITEM, workitem_uid=uid, state=SCHEDULED, by=manager, pulled_from=manager)
+        for ae in watchers:
+            self.events.send(ae, STATE_REPORT, uid, workitem.state_report(ds, SCHEDULED))
+        self.on_work()
         return Created(SUCCESS, uid)
 
     def request_cancel(self, uid: str, info: Dataset, requester: str) -> Verdict:
@@ -359,5 +396,6 @@ class UpsService:
             log.info("UPS %s COMPLETED: %d result(s) %s", item.uid, len(results or []),
                      ", ".join(r.sop_instance for r in results or []))
         self._report(item.uid, ds, state)
+        self.on_final(item.uid)
         return state
 

@@ -50,6 +50,11 @@ class Workitem(BaseModel):
     cancel_requested = peewee.TextField(default="")  # a Request Cancel's reason while IN PROGRESS here
     reason = peewee.TextField(default="")  # why it was CANCELED
     timings = peewee.TextField(default="{}")  # seconds per stage of the performer
+    # Pull mode (node.ups.pull): the Task Manager this is a copy of, the Transaction UID the node
+    # claimed it there with, and whether its final state was written back there.
+    remote_ae = peewee.CharField(max_length=16, default="", index=True)
+    remote_transaction_uid = peewee.CharField(max_length=64, default="")
+    remote_synced = peewee.BooleanField(default=False)
     created_at = peewee.DateTimeField(default=_now, index=True)
     updated_at = peewee.DateTimeField(default=_now)
     started_at = peewee.DateTimeField(null=True)
