@@ -13,6 +13,7 @@ import time
 
 import pytest
 from node_proc import NodeProcess, query
+from peers import free_port
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import (
@@ -32,9 +33,12 @@ OTHER = "99OTHERPERFORMER"  # a scheme that is not the node's: the worklist only
 def env(tmp_path_factory):
     work = tmp_path_factory.mktemp("ups")
     with UpsPeer("WATCHER") as watcher, UpsPeer("WATCHER2") as second:
+        # GHOST is a peer nobody answers for: reports to it fail.
         node = NodeProcess.start(work / "node", peers=[watcher.peer_entry(), second.peer_entry(),
-                                                        {"ae_title": "PACS", "host": "127.0.0.1", "port": 9}],
-                                 extra={"pipeline": {"poll_seconds": 0.1}, "ups": {"poll_seconds": 0.1}})
+                                                        {"ae_title": "PACS", "host": "127.0.0.1", "port": 9},
+                                                        {"ae_title": "GHOST", "host": "127.0.0.1", "port": free_port()}],
+                                 extra={"pipeline": {"poll_seconds": 0.1},
+                                        "ups": {"poll_seconds": 0.1, "event_attempts": 2}})
         try:
             with watcher.talk(node) as assoc:
                 rsp, _ = assoc.send_n_action(action_info(ReceivingAE="WATCHER", DeletionLock="FALSE"), SUBSCRIBE,
@@ -256,6 +260,24 @@ def test_subscriptions_per_workitem_and_their_refusals(env) -> None:
         assert status_of(rsp) == 0x0000
     rows = query(node, "SELECT ae_title FROM ups_subscription WHERE workitem_uid = ?", uid)
     assert rows == [("WATCHER",)]
+
+
+@pytest.mark.timeout(60)
+def test_a_subscriber_that_cannot_be_reached_delays_no_one_and_is_given_up_on(env) -> None:
+    node, watcher, _ = env
+    with watcher.talk(node) as assoc:
+        status, uid = _create(assoc, _foreign())
+        assert status == 0x0000
+        rsp, _ = assoc.send_n_action(action_info(ReceivingAE="GHOST"), SUBSCRIBE, UnifiedProcedureStepWatch, uid)
+        assert status_of(rsp) == 0x0000
+        tx = generate_uid()
+        assert status_of(_change(assoc, uid, "IN PROGRESS", tx)) == 0x0000
+    # WATCHER hears of the claim while GHOST's first report still waits for its next try.
+    watcher.wait_states(uid, ["SCHEDULED", "IN PROGRESS"], 15)
+    _wait_log(node, f"UPS events: UPS State Report SCHEDULED of {uid} to GHOST dropped after 2 attempt(s): "
+              "cannot connect to GHOST", timeout=30)
+    _wait_log(node, f"UPS events: UPS State Report IN PROGRESS of {uid} to GHOST dropped after 2 attempt(s)",
+              timeout=30)
 
 
 @pytest.mark.timeout(90)

@@ -93,11 +93,13 @@ class EventSender:
         with self._cond:
             return self._busy + sum(len(q.reports) for q in self._queues.values())
 
-    def flush(self, timeout: float) -> bool:
-        """Wait until every queued report was delivered or dropped; False on timeout."""
+    def flush(self, timeout: float, *, due_only: bool = False) -> bool:
+        """Wait until every queued report (with ``due_only``: every one due now, not those
+        waiting to be tried again) was delivered or dropped; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._busy or any(q.reports for q in self._queues.values()):
+            while self._busy or any(q.reports and (not due_only or q.due <= time.monotonic())
+                                    for q in self._queues.values()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -109,8 +111,9 @@ class EventSender:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Deliver what is due within ``timeout``, then stop (what is left is dropped, logged)."""
-        self.flush(timeout)
+        """Deliver what is due within ``timeout``, then stop (what is left is dropped, logged);
+        a subscriber waiting for its next try does not hold the shutdown."""
+        self.flush(timeout, due_only=True)
         with self._cond:
             self._stop = True
             left = sum(len(q.reports) for q in self._queues.values())

@@ -24,6 +24,7 @@ import re
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 _NO_WILDCARD = frozenset({"DA", "DT", "TM", "UI", "SQ", "US", "SS", "UL", "SL", "FL", "FD", "AT", "OB", "OW", "UN"})
@@ -34,9 +35,10 @@ TRANSACTION_UID = Tag("TransactionUID")
 def _strings(value: object) -> list[str]:
     if value is None or value == "":
         return []
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        return [str(value).strip()]
-    return [str(v).strip() for v in value]  # type: ignore[attr-defined]
+    # Only lists are multiple values: a PersonName iterates too, over its characters.
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [str(v).strip() for v in value]
+    return [str(value).strip()]
 
 
 def _empty(elem: DataElement) -> bool:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
@@ -113,7 +114,7 @@ def text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
-    if not isinstance(value, str) and hasattr(value, "__iter__"):
+    if isinstance(value, (list, tuple, MultiValue)):
         value = next(iter(value), "")
     return str(value).strip()
 
@@ -188,9 +189,9 @@ def values(value: object) -> list[str]:
     """A possibly multi-valued text element's values, stripped, without empty ones."""
     if value is None or value == "":
         return []
-    if isinstance(value, str):
-        return [value.strip()] if value.strip() else []
-    return [str(v).strip() for v in value if str(v).strip()]  # type: ignore[attr-defined]
+    if isinstance(value, (list, tuple, MultiValue)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [str(value).strip()] if str(value).strip() else []
 
 
 def parse_task(ds: Dataset, *, is_peer: Callable[[str], bool], own_ae: str,
