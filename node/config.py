@@ -37,6 +37,11 @@ class ConfigError(ValueError):
         super().__init__(f"{len(problems)} configuration error(s){where}:\n{lines}")
 
 
+# Every action a caller may be permitted (node.security.policy says what each covers); the
+# default of every permission list.
+ALL_PERMISSIONS: tuple[str, ...] = ("echo", "store-images", "store-models", "query", "retrieve", "tasks")
+
+
 @dataclass
 class Peer:
     """A known DICOM peer: a C-MOVE destination and, with the allow-list on, a permitted caller."""
@@ -45,7 +50,7 @@ class Peer:
     host: str
     port: int
     # What this peer may do when it calls us (issue 7 fills in the enforcement).
-    permissions: list[str] = field(default_factory=lambda: ["echo", "store-images", "store-models", "query", "retrieve"])
+    permissions: list[str] = field(default_factory=lambda: list(ALL_PERMISSIONS))
     tls: bool = False
     # How the node retrieves a UPS workitem's inputs from this peer (node.ups.retrieve): "move"
     # (C-MOVE to our own AE title, which the peer must know) or "get" (C-GET, same association).
@@ -265,7 +270,7 @@ class User:
     username: str
     # "pbkdf2-sha256$<iterations>$<salt, base64>$<hash, base64>": `modelnode config hash-passcode`.
     passcode_hash: str
-    permissions: list[str] = field(default_factory=lambda: ["echo", "store-images", "store-models", "query", "retrieve"])
+    permissions: list[str] = field(default_factory=lambda: list(ALL_PERMISSIONS))
 
 
 @dataclass
@@ -273,7 +278,7 @@ class SecuritySection:
     # Reject associations that carry no (or an unverifiable) username and passcode.
     require_user_identity: bool = False
     # What a caller not listed in [[peers]] may do (matters only with node.allow_list = false).
-    default_permissions: list[str] = field(default_factory=lambda: ["echo", "store-images", "store-models", "query", "retrieve"])
+    default_permissions: list[str] = field(default_factory=lambda: list(ALL_PERMISSIONS))
 
 
 @dataclass
@@ -439,7 +444,7 @@ def _build(cls: Any, data: dict[str, Any], prefix: str, problems: list[tuple[str
 # --------------------------------------------------------------------------- semantic checks
 
 
-PERMISSIONS = {"echo", "store-images", "store-models", "query", "retrieve"}
+PERMISSIONS = set(ALL_PERMISSIONS)
 
 
 def _check(cfg: Config, problems: list[tuple[str, str]]) -> None:

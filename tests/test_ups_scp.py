@@ -36,7 +36,9 @@ def env(tmp_path_factory):
         # GHOST is a peer nobody answers for: reports to it fail.
         node = NodeProcess.start(work / "node", peers=[watcher.peer_entry(), second.peer_entry(),
                                                         {"ae_title": "PACS", "host": "127.0.0.1", "port": 9},
-                                                        {"ae_title": "GHOST", "host": "127.0.0.1", "port": free_port()}],
+                                                        {"ae_title": "GHOST", "host": "127.0.0.1", "port": free_port()},
+                                                        {"ae_title": "NOTASKS", "host": "127.0.0.1", "port": 9,
+                                                         "permissions": ["echo", "query", "retrieve"]}],
                                  extra={"pipeline": {"poll_seconds": 0.1},
                                         "ups": {"poll_seconds": 0.1, "event_attempts": 2}})
         try:
@@ -260,6 +262,16 @@ def test_subscriptions_per_workitem_and_their_refusals(env) -> None:
         assert status_of(rsp) == 0x0000
     rows = query(node, "SELECT ae_title FROM ups_subscription WHERE workitem_uid = ?", uid)
     assert rows == [("WATCHER",)]
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_without_the_tasks_permission_gets_no_ups_context(env) -> None:
+    node, watcher, _ = env
+    with watcher.talk(node, calling="NOTASKS") as assoc:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        assert accepted == {"1.2.840.10008.1.1"}  # Verification only: UPS Push/Pull/Watch/Query refused
+    with watcher.talk(node) as assoc:
+        assert str(UnifiedProcedureStepPush) in {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
 
 
 @pytest.mark.timeout(60)

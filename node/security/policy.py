@@ -8,6 +8,8 @@ Actions (``[[peers]] permissions``, ``[[users]] permissions``, ``[security] defa
 ``store-models``   C-STORE of model objects (Raw Data Storage with the modelnode block)
 ``query``          C-FIND, including the selection query
 ``retrieve``       C-MOVE and C-GET (of models and of anything else the node holds)
+``tasks``          the UPS SOP classes (AI on request: create, claim, query, watch workitems),
+                   which make the node retrieve from and send to its peers
 =================  ======================================================================
 
 A caller's permissions are those of its ``[[peers]]`` entry (matched by calling AE title and,
@@ -34,7 +36,7 @@ from pynetdicom import sop_class as _sc
 
 from node.config import PERMISSIONS, Config
 
-ACTIONS = ("echo", "store-images", "store-models", "query", "retrieve")
+ACTIONS = ("echo", "store-images", "store-models", "query", "retrieve", "tasks")
 assert set(ACTIONS) == PERMISSIONS
 
 
@@ -45,6 +47,7 @@ REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service user, no reason give
 _VERIFICATION = {str(_sc.Verification)}
 _FIND = {str(getattr(_sc, n)) for n in dir(_sc) if n.endswith("Find")}
 _RETRIEVE = {str(getattr(_sc, n)) for n in dir(_sc) if n.endswith(("Move", "Get"))}
+_TASKS = {str(getattr(_sc, n)) for n in dir(_sc) if n.startswith("UnifiedProcedureStep")}
 _STORE_OR_RETRIEVE = {"store-images", "store-models", "retrieve"}
 
 
@@ -162,13 +165,15 @@ def prune_contexts(assoc: Any, permissions: frozenset[str]) -> None:
         drop |= _FIND
     if "retrieve" not in permissions:
         drop |= _RETRIEVE
+    if "tasks" not in permissions:
+        drop |= _TASKS
     keep_storage = bool(permissions & _STORE_OR_RETRIEVE)
     contexts = []
     for cx in assoc.acceptor.supported_contexts:
         uid = str(cx.abstract_syntax)
         if uid in drop:
             continue
-        if not keep_storage and uid not in _VERIFICATION | _FIND | _RETRIEVE:
+        if not keep_storage and uid not in _VERIFICATION | _FIND | _RETRIEVE | _TASKS:
             continue
         contexts.append(cx)
     if len(contexts) != len(assoc.acceptor.supported_contexts):

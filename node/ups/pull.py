@@ -31,7 +31,7 @@ from pydicom.uid import generate_uid
 from node.context import NodeContext
 from node.dimse.status import SUCCESS, UPS_ALREADY_CANCELED, UPS_ALREADY_COMPLETED
 from node.scu import ups as ups_scu
-from node.scu.client import PeerError, RetryPolicy
+from node.scu.client import Address, Options, PeerError, RetryPolicy
 from node.storage.db import write_transaction
 from node.ups import workitem
 from node.ups.calling import peer_address, peer_options
@@ -94,7 +94,7 @@ class Puller:
             self._wake.wait(self.interval)
             self._wake.clear()
 
-    def _options(self, manager: str):  # -> node.scu.client.Options
+    def _options(self, manager: str) -> Options:
         return peer_options(self.ctx.config, manager, retry=RetryPolicy(attempts=1), timeout=30.0)
 
     def round(self) -> None:
@@ -139,7 +139,7 @@ class Puller:
             log.info("UPS pull mode: %s claimed at %s and queued here", uid, manager)
         return taken
 
-    def _give_back(self, address, uid: str, tx: str, reason: str, options) -> None:
+    def _give_back(self, address: Address, uid: str, tx: str, reason: str, options: Options) -> None:
         """Cancel at the manager a workitem the node claimed and cannot perform."""
         mods = Dataset()
         mods.TransactionUID = tx
