@@ -190,3 +190,24 @@ def test_write_transaction_waits_for_a_concurrent_writer_instead_of_failing(app)
         t.join(20)
     assert errors == []
     assert sorted(p.patient_id for p in index.Patient.select()) == ["A", "B"]
+
+
+@pytest.mark.timeout(60)
+def test_catalogue_parses_each_card_once_and_follows_adds_and_removes(app, tmp_path, monkeypatch):
+    from node.storage import registry as registry_module
+
+    parsed = []
+    library = registry_module.card_from_json
+    monkeypatch.setattr(registry_module, "card_from_json", lambda text: parsed.append(1) or library(text))
+    assert app.registry.catalogue() == ()
+    lung, _ = app.registry.add_file(_pack(tmp_path, "lung-seg"))
+    knee, _ = app.registry.add_file(_pack(tmp_path, "knee-seg", modalities=["MR"], body_parts=["KNEE"],
+                                          anatomy=[{"value": "72696002", "meaning": "Knee"}], findings=[]))
+    first = app.registry.catalogue()
+    assert [(e.uid, e.series_uid, e.card.identity.name) for e in first] == sorted(
+        [(lung.uid, lung.series_uid, "lung-seg"), (knee.uid, knee.series_uid, "knee-seg")])
+    assert app.registry.catalogue() is first and len(parsed) == 2  # unchanged: the same tuple, nothing parsed
+    app.registry.remove(lung.uid)
+    assert [e.uid for e in app.registry.catalogue()] == [knee.uid] and len(parsed) == 2
+    app.registry.add_file(_pack(tmp_path, "lung-seg"))
+    assert len(app.registry.catalogue()) == 2 and len(parsed) == 3

@@ -318,3 +318,75 @@ def test_header_variant(modality, headers, expected):
     sel = rank(series(modality, **headers), [m for m in models() if m[1].identity.name != "ct-cap"])
     got = sel.best.name if sel.best else None
     assert got == expected, sel.explain()
+
+
+# ---------------------------------------------------------------- the index (many models)
+
+
+def _big_library(n: int, seed: int) -> list[tuple[str, object]]:
+    """``n`` models of many kinds and versions, some with body parts only, some 3D, lateral, or
+    targeting findings: what a registry shared across hospitals holds."""
+    rng = random.Random(seed)
+    kinds = [
+        (["CT"], ["CHEST"], [LUNG, THORAX]), (["CT"], ["CHEST"], [("123456789", "Unknown region")]),
+        (["CT"], ["ABDOMEN"], [LIVER, ABDOMEN]),
+        (["CT"], ["HEAD"], [HEAD, BRAIN]), (["CT"], ["CHESTABDPELVIS"], [CAP]), (["CT"], ["PELVIS"], [PELVIS]),
+        (["MR"], ["KNEE"], [KNEE]), (["MR"], ["BRAIN"], [BRAIN, HEAD]), (["MR"], ["LIVER"], [LIVER]),
+        (["CR", "DX"], ["CHEST"], [THORAX]), (["DX"], ["HAND"], [HAND]), (["CR", "DX"], ["PELVIS"], [PELVIS]),
+        (["MG"], ["BREAST"], [("76752008", "Breast")]), (["US"], ["ABDOMEN"], [ABDOMEN]),
+        (["CT", "MR"], ["HEAD"], [BRAIN]),
+    ]
+    out = []
+    for i in range(n):
+        modalities, parts, codes = kinds[rng.randrange(len(kinds))]
+        c = card(f"model-{rng.randrange(n // 3 + 1)}", modalities, parts, codes,
+                 findings=[NODULE] if rng.random() < 0.2 else [PTX] if rng.random() < 0.1 else [],
+                 version=f"{rng.randrange(3)}.{rng.randrange(12)}.0", validated=rng.random() < 0.7,
+                 laterality=rng.choice(["", "", "", "L", "R"]),
+                 layout="3d" if rng.random() < 0.2 else "2d", min_slices=rng.choice([1, 1, 20]))
+        out.append((f"2.25.{1000 + i}", c))
+    return out
+
+
+def _facts_to_try():
+    out = [SeriesFacts.from_datasets(series(modality, **headers)) for modality, headers, _ in VARIANTS]
+    out += [SeriesFacts.from_datasets(series("CT", 30, BodyPartExamined="CHEST", ReasonForTheRequestedProcedure="Rundherd")),
+            SeriesFacts.from_datasets(series("MR", BodyPartExamined="KNEE", Laterality="L")),
+            SeriesFacts.from_datasets(series("CT", BodyPartExamined="")),
+            SeriesFacts.from_datasets(series("", BodyPartExamined="CHEST")),
+            SeriesFacts.from_datasets(series("CT", StudyDescription="CT_THORAX_NATIV"), called_ae="AI_PTX")]
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("min_anatomy", [0.5, 0.4, 0.75, 0.0])
+def test_the_index_gives_the_ranking_of_every_model(min_anatomy):
+    """SelectionIndex.candidates() then select() ranks exactly as select() over every model."""
+    from dataclasses import asdict
+
+    from iods.anatomy import default_normaliser
+    from node.pipeline.selection import SelectionIndex
+
+    norm = default_normaliser()
+    lib = _big_library(300, seed=int(min_anatomy * 100))
+    idx = SelectionIndex(lib, norm)
+    rule_sets = [[], [SiteRule(action="pin", models=["model-3"]), SiteRule(action="exclude", models=[lib[0][0]])],
+                 [SiteRule(action="route", models=["model-1", "model-2"], called_ae="AI_PTX")]]
+    compared = considered = ranked = 0
+    for rules in rule_sets:
+        settings = SelectionSection(min_anatomy=min_anatomy, rules=rules)
+        for facts in _facts_to_try():
+            if min_anatomy == 0.0 and facts.anatomy:
+                continue  # (at 0, select() fails on a model whose anatomy is unrelated, index or not)
+            every = select(facts, lib, settings)
+            candidates = idx.candidates(facts, min_anatomy)
+            indexed = select(facts, candidates, settings)
+            assert [asdict(c) for c in indexed.ranked] == [asdict(c) for c in every.ranked], facts
+            assert {r.uid for r in indexed.rejected} <= {r.uid for r in every.rejected}
+            compared += 1
+            considered += len(candidates)
+            ranked += len(every.ranked)
+    assert compared > (2 if min_anatomy == 0.0 else 100)
+    if min_anatomy > 0:
+        assert ranked > 0
+        assert considered < compared * len(lib) / 3  # the index leaves most models out

@@ -41,9 +41,9 @@ Python, so SQLite and PostgreSQL answer the same.
 from __future__ import annotations
 
 import logging
+import operator
 import re
-import time
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +56,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 
 from node.dimse.association import assoc_id
+from node.dimse.compat import find_responses
+from node.dimse.identifier import Field, IdentifierEncoder, NotEncodable
 from node.dimse.levels import LEVELS, UNIQUE_KEYS
 from node.dimse.status import (
     CANCEL,
@@ -124,39 +126,123 @@ class QueryError(Exception):
 # --------------------------------------------------------------------------- rows
 
 
-@dataclass
-class Match:
-    """One matching entity with its parents (those below the query level are None)."""
+# The columns of each table a query reads, in the order they are selected. A result row is a
+# tuple; each table's slice of it becomes one of these named tuples (no peewee model objects:
+# building them cost more than the rest of a row's work).
+_COLUMNS: dict[str, tuple[type[peewee.Model], tuple[str, ...]]] = {
+    "patient": (Patient, ("id", "patient_id", "issuer", "patient_name", "birth_date", "sex")),
+    "study": (Study, ("id", "study_uid", "study_date", "study_time", "accession_number", "study_id",
+                      "study_description", "referring_physician", "requested_procedure")),
+    "series": (Series, ("id", "series_uid", "modality", "series_number", "series_description", "series_date",
+                        "series_time", "body_part", "protocol_name", "laterality", "manufacturer",
+                        "software_versions", "is_model")),
+    "instance": (Instance, ("id", "sop_uid", "sop_class_uid", "instance_number", "rows", "columns", "frames",
+                            "samples_per_pixel", "photometric", "transfer_syntax")),
+}
+_ROW_TYPES = {table: namedtuple(f"{table.title()}Row", names) for table, (_, names) in _COLUMNS.items()}
+# The tables a query of each level reads: the level's own and its parents.
+_TABLES = {"PATIENT": ("patient",), "STUDY": ("patient", "study"), "SERIES": ("patient", "study", "series"),
+           "IMAGE": ("patient", "study", "series", "instance")}
+_TABLE_OF_LEVEL = {"PATIENT": "patient", "STUDY": "study", "SERIES": "series", "IMAGE": "instance"}
 
-    patient: Patient
-    study: Study | None = None
-    series: Series | None = None
-    instance: Instance | None = None
+
+@dataclass(slots=True)
+class Match:
+    """One matching entity with its parents (those below the query level are None), as rows of
+    their tables' columns (:data:`_COLUMNS`)."""
+
+    patient: Any
+    study: Any = None
+    series: Any = None
+    instance: Any = None
     computed: dict[str, Any] = field(default_factory=dict)
 
-    def row(self, level: str) -> peewee.Model:
-        return {"PATIENT": self.patient, "STUDY": self.study, "SERIES": self.series, "IMAGE": self.instance}[level]
+
+def _row_maker(level: str) -> Callable[[Sequence[Any]], Match]:
+    """A function from a result row (the level's columns, :func:`select_sql`) to a Match."""
+    slices = []
+    start = 0
+    for table in _TABLES[level]:
+        width = len(_COLUMNS[table][1])
+        slices.append((_ROW_TYPES[table]._make, start, start + width))
+        start += width
+    if len(slices) == 1:
+        (make_p, a, b), = slices
+        return lambda row: Match(make_p(row[a:b]))
+    if len(slices) == 2:
+        (make_p, a, b), (make_s, c, d) = slices
+        return lambda row: Match(make_p(row[a:b]), make_s(row[c:d]))
+    if len(slices) == 3:
+        (make_p, a, b), (make_s, c, d), (make_e, e, f) = slices
+        return lambda row: Match(make_p(row[a:b]), make_s(row[c:d]), make_e(row[e:f]))
+    (make_p, a, b), (make_s, c, d), (make_e, e, f), (make_i, g, h) = slices
+    return lambda row: Match(make_p(row[a:b]), make_s(row[c:d]), make_e(row[e:f]), make_i(row[g:h]))
 
 
-def _match_from(level: str, row: peewee.Model) -> Match:
-    if level == "PATIENT":
-        return Match(row)
-    if level == "STUDY":
-        return Match(row.patient, row)
-    if level == "SERIES":
-        return Match(row.study.patient, row.study, row)
-    return Match(row.series.study.patient, row.series.study, row.series, row)
+def _fields(level: str) -> list[peewee.Field]:
+    return [getattr(model, name) for table in _TABLES[level] for model, names in (_COLUMNS[table],)
+            for name in names]
 
 
 def _select(level: str) -> peewee.ModelSelect:
     """The level's table joined with its parents, so one row carries all of them."""
+    fields = _fields(level)
     if level == "PATIENT":
-        return Patient.select()
+        return Patient.select(*fields)
     if level == "STUDY":
-        return Study.select(Study, Patient).join(Patient)
+        return Study.select(*fields).join(Patient)
     if level == "SERIES":
-        return Series.select(Series, Study, Patient).join(Study).join(Patient)
-    return Instance.select(Instance, Series, Study, Patient).join(Series).join(Study).join(Patient)
+        return Series.select(*fields).join(Study).join(Patient)
+    return Instance.select(*fields).join(Series).join(Study).join(Patient)
+
+
+# SeriesNumber is kept as text (IS): a plain integer sorts by its value, anything else after
+# every number, by its text. The same rule in Python (_series_number) and in SQL (_series_order).
+_PLAIN_INTEGER = re.compile(r"[-+]?[0-9]+\Z")
+_NOT_A_NUMBER = 1 << 31
+
+
+def _series_number(value: str | None) -> tuple[int, str]:
+    if value and _PLAIN_INTEGER.match(value):
+        return (int(value), value)
+    return (_NOT_A_NUMBER, value or "")
+
+
+def _is_postgres(db: peewee.Database) -> bool:
+    return isinstance(db, peewee.PostgresqlDatabase)
+
+
+def _text_order(column: peewee.Field, db: peewee.Database) -> peewee.Node:
+    # Python compares code points, as SQLite's BINARY collation does on UTF-8; PostgreSQL sorts
+    # by the database's locale unless told otherwise.
+    return column.collate('"C"') if _is_postgres(db) else column
+
+
+def _series_order(db: peewee.Database) -> peewee.Node:
+    col = Series.series_number
+    if _is_postgres(db):
+        plain = col.regexp("^[-+]?[0-9]+$")
+        number = peewee.Cast(col, "BIGINT")
+    else:
+        plain = (peewee.NodeList((col, peewee.SQL("GLOB '[-+0-9]*'")))
+                 & peewee.NodeList((peewee.fn.substr(col, 2), peewee.SQL("NOT GLOB '*[^0-9]*'")))
+                 & col.not_in(["+", "-"]))
+        number = peewee.Cast(col, "INTEGER")
+    return peewee.Case(None, [(plain, number)], _NOT_A_NUMBER)
+
+
+def _order_by(level: str, db: peewee.Database) -> list[peewee.Node]:
+    """The deterministic order of the matches, done by the database: patient (ID, issuer),
+    study (date, time, UID), series (number, UID), instance (number, missing last; UID)."""
+    out = [_text_order(Patient.patient_id, db), _text_order(Patient.issuer, db), Patient.id]
+    if level in ("STUDY", "SERIES", "IMAGE"):
+        out += [_text_order(Study.study_date, db), _text_order(Study.study_time, db), _text_order(Study.study_uid, db)]
+    if level in ("SERIES", "IMAGE"):
+        out += [_series_order(db), _text_order(Series.series_number, db), _text_order(Series.series_uid, db)]
+    if level == "IMAGE":
+        out += [peewee.Case(None, [(Instance.instance_number.is_null(), 1)], 0), Instance.instance_number,
+                _text_order(Instance.sop_uid, db)]
+    return out
 
 
 # --------------------------------------------------------------------------- keys
@@ -175,7 +261,7 @@ class Key:
 
 
 def _attr(level: str, name: str) -> Callable[[Match], Any]:
-    return lambda m: getattr(m.row(level), name)
+    return operator.attrgetter(f"{_TABLE_OF_LEVEL[level]}.{name}")
 
 
 def _k(keyword: str, level: str, vr: str, column: peewee.Field) -> Key:
@@ -579,25 +665,6 @@ def _reading(keyword: str, tag: int, parse: Callable[[], Any]) -> Any:
         raise QueryError(IDENTIFIER_DOES_NOT_MATCH, f"{keyword} cannot be read: {exc}", [tag]) from exc
 
 
-# Pending responses allowed to wait in the association's send queue (see _wait_for_sender).
-SEND_QUEUE_LIMIT = 16
-
-
-def _wait_for_sender(assoc: Any, limit: int = SEND_QUEUE_LIMIT) -> None:
-    """Hold the next match back while the network has not caught up with the last ones.
-
-    pynetdicom queues each response for the DUL thread and asks for the next at once, so without
-    this a 3000-match answer sat encoded in memory and a C-CANCEL took effect only after the
-    600-1500 responses already queued had gone out (measured with dcmtk findscu --cancel 1).
-    """
-    dul = getattr(assoc, "dul", None)
-    pending = getattr(dul, "to_provider_queue", None)
-    if pending is None:
-        return
-    while pending.qsize() > limit and assoc.is_established:
-        time.sleep(0.0005)
-
-
 def parse_identifier(identifier: Dataset, model: str, *, retrieve: bool = False) -> Query:
     """Parse a request identifier; raises :class:`QueryError` with the status to send back."""
     try:
@@ -660,14 +727,9 @@ def _chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
         yield ids[i : i + _CHUNK]
 
 
-def _series_number(value: str) -> tuple[int, str]:
-    try:
-        return (int(value), value)
-    except (TypeError, ValueError):
-        return (1 << 31, value or "")
+def sort_key(level: str) -> Callable[[Match], tuple]:
+    """The order of :func:`matches` as a Python sort key (the database sorts; tests compare)."""
 
-
-def _sort_key(level: str) -> Callable[[Match], tuple]:
     def key(m: Match) -> tuple:
         parts: list[Any] = [m.patient.patient_id, m.patient.issuer, m.patient.id]
         if m.study is not None:
@@ -676,7 +738,7 @@ def _sort_key(level: str) -> Callable[[Match], tuple]:
             parts += [_series_number(m.series.series_number), m.series.series_uid]
         if m.instance is not None:
             n = m.instance.instance_number
-            parts += [n if n is not None else 1 << 31, m.instance.sop_uid]
+            parts += [n if n is not None else _NOT_A_NUMBER, m.instance.sop_uid]
         return tuple(parts)
 
     return key
@@ -699,11 +761,11 @@ def _group_distinct(query: peewee.ModelSelect, group: peewee.Field, ids: Sequenc
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _compute(matches: list[Match], level: str, names: set[str], coded: bool) -> None:
+def compute(found: list[Match], level: str, names: set[str], coded: bool) -> None:
     """Fill Match.computed with the counts, lists and coded terms the query needs."""
     count = peewee.fn.COUNT
     if level == "PATIENT" and names:
-        ids = sorted({m.patient.id for m in matches})
+        ids = sorted({m.patient.id for m in found})
         values: dict[str, dict[int, int]] = {}
         if "NumberOfPatientRelatedStudies" in names:
             values["NumberOfPatientRelatedStudies"] = _group_count(
@@ -714,11 +776,11 @@ def _compute(matches: list[Match], level: str, names: set[str], coded: bool) -> 
         if "NumberOfPatientRelatedInstances" in names:
             values["NumberOfPatientRelatedInstances"] = _group_count(
                 Instance.select(Study.patient, count(Instance.id)).join(Series).join(Study), Study.patient, ids)
-        for m in matches:
+        for m in found:
             for name, per in values.items():
                 m.computed[name] = per.get(m.patient.id, 0)
     if level == "STUDY" and names:
-        ids = sorted({m.study.id for m in matches if m.study is not None})
+        ids = sorted({m.study.id for m in found if m.study is not None})
         counts: dict[str, dict[int, int]] = {}
         lists: dict[str, dict[int, list[str]]] = {}
         if "NumberOfStudyRelatedSeries" in names:
@@ -732,20 +794,20 @@ def _compute(matches: list[Match], level: str, names: set[str], coded: bool) -> 
         if "SOPClassesInStudy" in names:
             lists["SOPClassesInStudy"] = _group_distinct(
                 Instance.select(Series.study, Instance.sop_class_uid).join(Series), Series.study, ids)
-        for m in matches:
+        for m in found:
             for name, per in counts.items():
                 m.computed[name] = per.get(m.study.id, 0)
             for name, per_list in lists.items():
                 m.computed[name] = "\\".join(per_list.get(m.study.id, []))
     if level in ("SERIES", "IMAGE") and "NumberOfSeriesRelatedInstances" in names:
-        ids = sorted({m.series.id for m in matches})
+        ids = sorted({m.series.id for m in found})
         per = _group_count(Instance.select(Instance.series, count(Instance.id)), Instance.series, ids)
-        for m in matches:
+        for m in found:
             m.computed["NumberOfSeriesRelatedInstances"] = per.get(m.series.id, 0)
     if coded and level in ("SERIES", "IMAGE"):
         from node.storage.registry import ModelRecord, ModelTerm
 
-        uids = sorted({m.series.series_uid for m in matches if m.series.is_model})
+        uids = sorted({m.series.series_uid for m in found if m.series.is_model})
         terms: dict[str, list[Any]] = defaultdict(list)
         for i in range(0, len(uids), _CHUNK):
             rows = (ModelTerm.select(ModelTerm, ModelRecord.series_uid).join(ModelRecord)
@@ -753,42 +815,91 @@ def _compute(matches: list[Match], level: str, names: set[str], coded: bool) -> 
                     .order_by(ModelTerm.id))
             for t in rows:
                 terms[t.model.series_uid].append(t)
-        for m in matches:
+        for m in found:
             m.computed["_terms"] = terms.get(m.series.series_uid, [])
 
 
-def run(query: Query) -> list[Match]:
-    """Every match of ``query``, in a deterministic order (patient, study, series, instance)."""
+def fetch_chunks(cursor: Any, size: int) -> Iterator[list[tuple]]:
+    """The rows of a database cursor, ``size`` at a time (the one place rows are read)."""
+    while rows := cursor.fetchmany(size):
+        yield rows
+
+
+def matches(query: Query, *, chunk: int = _CHUNK) -> Iterator[Match]:
+    """Every match of ``query``, in a deterministic order (:func:`sort_key`), as they are read.
+
+    A generator over the database cursor: rows are read ``chunk`` at a time, the values computed
+    per entity (counts, coded terms) are read for that chunk, each row is checked exactly
+    (:meth:`Condition.test`) and yielded. So the first match goes out before the last row is
+    read, and at most one chunk is held, whatever the number of matches. One read transaction
+    (one snapshot) lasts until the generator ends or is closed.
+
+    With SQLite the cursor reads the rows as they are asked for. (psycopg2's default cursor
+    fetches the whole result when the query runs: with PostgreSQL the driver holds the matching
+    rows' tuples, while the responses are still built and sent one at a time.)
+    """
     sql = _select(query.level)
     for cond in query.conditions:
         expr = cond.sql()
         if expr is not None:
             sql = sql.where(expr)
     db = database_proxy.obj
+    text, params = sql.order_by(*_order_by(query.level, db)).sql()
+    make = _row_maker(query.level)
+    computed = query.computed_needed
+    coded = bool(query.coded)
+    conditions = query.conditions
     with db.atomic():  # one read snapshot for the rows and everything computed from them
-        matches = [_match_from(query.level, row) for row in sql]
-        _compute(matches, query.level, query.computed_needed, bool(query.coded) and bool(matches))
-    matches = [m for m in matches if all(c.test(m) for c in query.conditions)]
-    matches.sort(key=_sort_key(query.level))
-    return matches
+        cursor = db.execute_sql(text, params)
+        try:
+            for rows in fetch_chunks(cursor, chunk):
+                found = [make(row) for row in rows]
+                if computed or coded:
+                    compute(found, query.level, computed, coded)
+                for m in found:
+                    if all(c.test(m) for c in conditions):
+                        yield m
+        finally:
+            cursor.close()
+
+
+def run(query: Query) -> list[Match]:
+    """Every match of ``query`` (see :func:`matches`), as a list."""
+    return list(matches(query))
+
+
+def series_matches(series_uids: Sequence[str]) -> dict[str, Match]:
+    """SERIES-level matches for these series (no conditions, nothing computed), by UID."""
+    out: dict[str, Match] = {}
+    make = _row_maker("SERIES")
+    db = database_proxy.obj
+    for i in range(0, len(series_uids), _CHUNK):
+        sql = _select("SERIES").where(Series.series_uid.in_(list(series_uids[i:i + _CHUNK])))
+        for row in db.execute_sql(*sql.sql()).fetchall():
+            m = make(row)
+            out[m.series.series_uid] = m
+    return out
 
 
 def instances_for(query: Query) -> list[Instance]:
     """The instances a C-MOVE / C-GET identifier names, with their series (is_model) loaded."""
-    matches = run(query)
-    if query.level == "IMAGE":
-        return [m.instance for m in matches if m.instance is not None]
+    found = run(query)
     field_, ids = {
-        "PATIENT": (Study.patient, [m.patient.id for m in matches]),
-        "STUDY": (Series.study, [m.study.id for m in matches if m.study]),
-        "SERIES": (Instance.series, [m.series.id for m in matches if m.series]),
+        "PATIENT": (Study.patient, [m.patient.id for m in found]),
+        "STUDY": (Series.study, [m.study.id for m in found if m.study]),
+        "SERIES": (Instance.series, [m.series.id for m in found if m.series]),
+        "IMAGE": (Instance.id, [m.instance.id for m in found if m.instance]),
     }[query.level]
     out: list[Instance] = []
     for chunk in _chunks(sorted(set(ids))):
         sel = Instance.select(Instance, Series, Study).join(Series).join(Study).where(field_.in_(list(chunk)))
         out.extend(sel)
+    if query.level == "IMAGE":  # in the order of the matches
+        position = {instance_id: n for n, instance_id in enumerate(ids)}
+        out.sort(key=lambda i: position[i.id])
+        return out
     out.sort(key=lambda i: (i.series.study.study_uid, _series_number(i.series.series_number), i.series.series_uid,
-                            i.instance_number if i.instance_number is not None else 1 << 31, i.sop_uid))
+                            i.instance_number if i.instance_number is not None else _NOT_A_NUMBER, i.sop_uid))
     return out
 
 
@@ -852,7 +963,7 @@ def response(match: Match, query: Query, ae_title: str) -> Dataset:
     depth = _level_index(query.level)
     for elem in query.requested:
         keyword = elem.keyword or keyword_for_tag(elem.tag)
-        vr = elem.VR if elem.VR not in ("UN", None) and len(elem.VR) == 2 else _dictionary_vr(elem.tag)
+        vr = _return_vr(elem)
         if keyword in CODED_KEYS:
             tpl = query.coded.get(keyword)
             items = _coded_items(keyword, tpl, match.computed.get("_terms", [])) if tpl is not None else []
@@ -874,6 +985,50 @@ def _dictionary_vr(tag: int) -> str:
     return vr if len(vr) == 2 else "UN"  # ambiguous VRs (US or SS) come back as UN when empty
 
 
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+
+def _return_vr(elem: DataElement) -> str:
+    """The VR an element the index does not answer comes back with (empty)."""
+    return elem.VR if elem.VR not in ("UN", None) and len(elem.VR) == 2 else _dictionary_vr(elem.tag)
+
+
+def response_encoder(query: Query, ae_title: str, transfer_syntax: str,
+                     overrides: dict[str, Callable[[Match], Any]] | None = None) -> IdentifierEncoder | None:
+    """An encoder of :func:`response`'s identifiers as bytes, or None where only pydicom will do.
+
+    The same elements, values and VRs as :func:`response` (``tests/test_find_dimse.py`` compares
+    the two), for Implicit and Explicit VR Little Endian. Coded sequence keys are left to
+    :func:`response`. ``overrides`` give the value of a requested keyword from a match instead
+    (the selection's rank and reasons).
+    """
+    if query.coded or transfer_syntax not in (IMPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN):
+        return None
+    overrides = overrides or {}
+    fields: list[Field] = [
+        (int(SPECIFIC_CHARACTER_SET), "CS", None, "ISO_IR 192"),
+        (int(QUERY_RETRIEVE_LEVEL), "CS", None, query.level),
+        (int(RETRIEVE_AE_TITLE), "AE", None, ae_title),
+    ]
+    depth = _level_index(query.level)
+    for elem in query.requested:
+        keyword = elem.keyword or keyword_for_tag(elem.tag)
+        key = KEYS.get(keyword)
+        answered = key is not None and _level_index(key.level) <= depth
+        vr = key.vr if answered else _return_vr(elem)  # type: ignore[union-attr]
+        if keyword in overrides:
+            fields.append((int(elem.tag), vr, overrides[keyword], None))
+        elif answered:
+            fields.append((int(elem.tag), vr, lambda m, k=key: _format(k.vr, k.get(m)), None))
+        else:
+            fields.append((int(elem.tag), vr, None, None))
+    try:
+        return IdentifierEncoder(fields, implicit_vr=transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN)
+    except NotEncodable:
+        return None
+
+
 def _peer(event: Any) -> str:
     assoc = event.assoc
     ident = assoc_id(assoc)
@@ -885,8 +1040,12 @@ def _peer(event: Any) -> str:
 
 
 def handle_query(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-    """A C-FIND on the index: one pending response per match, then success (or cancel / failure).
+    """A C-FIND on the index: one pending response per match as it is read, then success (or
+    cancel / failure).
 
+    The matches stream from the database (:func:`matches`); each response identifier is encoded
+    by :func:`response_encoder` where it can be (else built with pydicom, :func:`response`) and
+    handed to pynetdicom as :class:`node.dimse.compat.find_responses.EncodedIdentifier`.
     Bound through :func:`node.dimse.find_scp.handle_find`, which sends selection queries elsewhere.
     """
     peer = _peer(event)
@@ -903,19 +1062,44 @@ def handle_query(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset, Dataset 
         yield QueryError(UNABLE_TO_PROCESS,
                          f"identifier cannot be decoded ({type(exc).__name__})").status_dataset(), None
         return
+    ae_title = ctx.config.node.ae_title
+    yield from stream_responses(event, query, matches(query), ae_title, "C-FIND", peer)
+
+
+def stream_responses(event: Any, query: Query, found: Iterable[Match], ae_title: str, what: str, peer: str,
+                     overrides: dict[str, Callable[[Match], Any]] | None = None,
+                     ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """Pending responses for ``found`` as they come, then success; cancel or failure on the way.
+
+    Before each response: the hold-back of queued responses
+    (:func:`node.dimse.compat.find_responses.hold_back`) and the check for a C-CANCEL.
+    """
+    assoc = event.assoc
+    encoder = None
+    if find_responses.accepts_encoded():
+        encoder = response_encoder(query, ae_title, str(event.context.transfer_syntax), overrides)
+    implicit = encoder is not None and encoder.implicit_vr
+    n = 0
     try:
-        matches = run(query)
+        for match in found:
+            find_responses.hold_back(assoc)
+            if event.is_cancelled:
+                log.info("%s from %s cancelled after %d match(es)", what, peer, n)
+                yield CANCEL, None
+                return
+            encoded = encoder.encode(match) if encoder is not None else None
+            if encoded is not None:
+                yield PENDING, find_responses.EncodedIdentifier(encoded, implicit)
+            else:
+                ds = response(match, query, ae_title)
+                for keyword, get in (overrides or {}).items():
+                    if keyword in ds:
+                        ds[keyword].value = get(match)
+                yield PENDING, ds
+            n += 1
     except peewee.PeeweeException as exc:
-        log.error("C-FIND from %s failed: index error: %s", peer, exc)
+        log.error("%s from %s failed after %d match(es): index error: %s", what, peer, n, exc)
         yield QueryError(UNABLE_TO_READ_INDEX, "the node's index cannot be read").status_dataset(), None
         return
-    log.info("C-FIND %s root %s level from %s: %d match(es)", model.lower(), query.level, peer, len(matches))
-    ae_title = ctx.config.node.ae_title
-    for n, match in enumerate(matches):
-        _wait_for_sender(event.assoc)
-        if event.is_cancelled:
-            log.info("C-FIND from %s cancelled after %d of %d match(es)", peer, n, len(matches))
-            yield CANCEL, None
-            return
-        yield PENDING, response(match, query, ae_title)
+    log.info("%s %s root %s level from %s: %d match(es)", what, query.model.lower(), query.level, peer, n)
     yield SUCCESS, None

@@ -24,24 +24,28 @@ ImageComments carries the score and its reasons. Example::
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 
+from iods.anatomy import AnatomyNormaliser
 from node.dimse.query_scp import (
+    Match,
     QueryError,
-    _compute,
-    _match_from,
     _peer,
+    compute,
     information_model,
     parse_identifier,
-    response,
+    series_matches,
+    stream_responses,
 )
-from node.dimse.status import CANCEL, IDENTIFIER_DOES_NOT_MATCH, PENDING, SUCCESS
-from node.pipeline.selection import Candidate, SeriesFacts, select
+from node.dimse.status import IDENTIFIER_DOES_NOT_MATCH
+from node.pipeline.selection import Candidate, SelectionIndex, SeriesFacts, select
 from node.storage import index
+from node.storage.registry import CatalogueEntry
 
 log = logging.getLogger("modelnode.query")
 
@@ -118,10 +122,40 @@ def _merge(rankings: list[list[Candidate]]) -> list[Candidate]:
     return out
 
 
-def handle_selection_find(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-    """EVT_C_FIND on the selection AE title: ranked model series, best first."""
-    from iods.anatomy import AnatomyNormaliser
+# The normaliser of the site's synonyms and the index of the registry's catalogue, built once
+# and again only when either changes (see handle_selection_find).
+_cache_lock = threading.Lock()
+_normalisers: dict[tuple[tuple[str, str], ...], AnatomyNormaliser] = {}
+_index: tuple[Any, Any, SelectionIndex] | None = None  # (catalogue, normaliser, index)
 
+
+def _normaliser(synonyms: Mapping[str, str]) -> AnatomyNormaliser:
+    key = tuple(sorted(synonyms.items()))
+    with _cache_lock:
+        norm = _normalisers.get(key)
+        if norm is None:
+            norm = _normalisers[key] = AnatomyNormaliser(extra_synonyms=dict(synonyms))
+        return norm
+
+
+def _selection_index(catalogue: tuple[CatalogueEntry, ...], norm: AnatomyNormaliser) -> SelectionIndex:
+    global _index
+    cached = _index
+    if cached is not None and cached[0] is catalogue and cached[1] is norm:
+        return cached[2]
+    built = SelectionIndex([(e.uid, e.card) for e in catalogue], norm)
+    _index = (catalogue, norm, built)
+    return built
+
+
+def handle_selection_find(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    """EVT_C_FIND on the selection AE title: ranked model series, best first.
+
+    The registry's cards are parsed once (:meth:`node.storage.registry.Registry.catalogue`) and
+    indexed by modality and anatomy (:class:`node.pipeline.selection.SelectionIndex`); only the
+    models that may fit are ranked, which gives the ranking of all of them. The answers' rows
+    are read in one query and streamed (:func:`node.dimse.query_scp.stream_responses`).
+    """
     peer = _peer(event)
     try:
         model = information_model(str(event.request.AffectedSOPClassUID))
@@ -133,33 +167,44 @@ def handle_selection_find(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset,
         yield exc.status_dataset(), None
         return
     identifier = event.identifier
-    norm = AnatomyNormaliser(extra_synonyms=ctx.config.anatomy.synonyms)
+    norm = _normaliser(ctx.config.anatomy.synonyms or {})
     stored = _stored_series(identifier)
     if stored:
         facts = [_facts_for_stored(s, ctx, norm) for s in stored]
     else:
         facts = [_facts_for_descriptors(identifier, norm)]
-    models = [(r.uid, r.card) for r in ctx.app.registry.all_with_terms()]
-    selections = [select(f, models, ctx.config.selection, normaliser=norm) for f in facts]
+    catalogue = ctx.app.registry.catalogue()
+    models = _selection_index(catalogue, norm)
+    settings = ctx.config.selection
+    selections = [select(f, models.candidates(f, settings.min_anatomy), settings, normaliser=norm) for f in facts]
     ranked = _merge([s.ranked for s in selections])
     source = f"{len(stored)} stored series" if stored else "descriptors"
-    log.info("selection C-FIND from %s (%s): %d model(s) fit\n%s", peer, source, len(ranked),
+    considered = max(len(s.ranked) + len(s.rejected) for s in selections)
+    log.info("selection C-FIND from %s (%s): %d model(s) fit; %d of %d considered (the others target another "
+             "modality or unrelated anatomy)\n%s", peer, source, len(ranked), considered, len(catalogue),
              "\n".join(s.explain() for s in selections))
+
+    series_of = {e.uid: e.series_uid for e in catalogue}
+    rows = series_matches([series_of[c.uid] for c in ranked])
+    answers: list[Match] = []
     for rank, cand in enumerate(ranked, 1):
-        if event.is_cancelled:
-            yield CANCEL, None
-            return
-        record = ctx.app.registry.get(cand.uid)
-        series = index.Series.get_or_none(index.Series.series_uid == record.series_uid) if record else None
-        if series is None:
-            continue
-        match = _match_from("SERIES", series)
-        _compute([match], "SERIES", query.computed_needed, bool(query.coded))
-        ds = response(match, query, ctx.config.node.ae_title)
-        if "SeriesNumber" in ds:
-            ds.SeriesNumber = rank
-        if "ImageComments" in ds:
-            reasons = "; ".join(f"{p.rule} {p.points:+g}" for p in cand.components)
-            ds.ImageComments = f"rank {rank}, score {cand.score:g}: {reasons}"[:10240]
-        yield PENDING, ds
-    yield SUCCESS, None
+        match = rows.get(series_of[cand.uid])
+        if match is None:
+            continue  # (removed meanwhile)
+        reasons = "; ".join(f"{p.rule} {p.points:+g}" for p in cand.components)
+        match.computed["_rank"] = str(rank)
+        match.computed["_comments"] = f"rank {rank}, score {cand.score:g}: {reasons}"[:10240]
+        answers.append(match)
+    if answers:
+        compute(answers, "SERIES", query.computed_needed, bool(query.coded))
+    overrides = {"SeriesNumber": _rank_of, "ImageComments": _comments_of}
+    yield from stream_responses(event, query, answers, ctx.config.node.ae_title, "selection C-FIND", peer,
+                                overrides)
+
+
+def _rank_of(match: Match) -> str:
+    return match.computed["_rank"]
+
+
+def _comments_of(match: Match) -> str:
+    return match.computed["_comments"]

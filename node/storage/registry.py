@@ -16,6 +16,7 @@ import datetime as _dt
 import importlib.resources
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,10 +125,25 @@ def _terms(card: ModelCard) -> Iterable[tuple[str, str, str, str]]:
         yield "laterality", "", t.laterality, ""
 
 
+@dataclass(frozen=True)
+class CatalogueEntry:
+    """A registered model as the selection reads it: its UID, its series and its parsed card."""
+
+    uid: str
+    series_uid: str
+    card: ModelCard
+
+
 class Registry:
     def __init__(self, store: ObjectStore, *, max_payload: int = model_object.DEFAULT_MAX_PAYLOAD) -> None:
         self.store = store
         self.max_payload = max_payload
+        # catalogue(): the registry's (uid, series_uid, file_digest) rows when last read, and
+        # what they gave; parsed cards by (uid, file_digest).
+        self._catalogue_lock = threading.Lock()
+        self._catalogue_rows: list[tuple[str, str, str]] = []
+        self._catalogue: tuple[CatalogueEntry, ...] = ()
+        self._cards: dict[tuple[str, str], ModelCard] = {}
 
     # ------------------------------------------------------------------ writes
 
@@ -239,6 +255,41 @@ class Registry:
                 sub = ModelTerm.select(ModelTerm.model).where((ModelTerm.kind == kind) & (ModelTerm.value == wanted))
                 q = q.where(ModelRecord.id.in_(sub))
         return list(q.order_by(ModelRecord.name, ModelRecord.created, ModelRecord.version))
+
+    def catalogue(self) -> tuple[CatalogueEntry, ...]:
+        """Every registered model with its card, in UID order, each card parsed once.
+
+        A model version is immutable and its file is named by its SHA-256, so a card parsed for
+        a (UID, file digest) stays right for as long as that row is there. Each call reads the
+        registry's (UID, series, digest) rows, one short query (about 2 ms for 2,000 models),
+        so models added or removed by anyone (another node on the same PostgreSQL registry, the
+        CLI) are seen at once; only new rows' cards are read and parsed (parsing 2,000 cards
+        took about 0.6 s). The same tuple comes back while nothing changed, so callers may key
+        their own caches on it.
+        """
+        sql, params = (ModelRecord.select(ModelRecord.uid, ModelRecord.series_uid, ModelRecord.file_digest)
+                       .order_by(ModelRecord.uid).sql())
+        rows = [tuple(r) for r in database_proxy.obj.execute_sql(sql, params).fetchall()]
+        with self._catalogue_lock:
+            if rows == self._catalogue_rows:
+                return self._catalogue
+            wanted = {(uid, digest) for uid, _, digest in rows}
+            cards = {k: v for k, v in self._cards.items() if k in wanted}
+            missing = sorted(uid for uid, digest in wanted if (uid, digest) not in cards)
+            for i in range(0, len(missing), 500):
+                chunk = (ModelRecord.select(ModelRecord.uid, ModelRecord.file_digest, ModelRecord.card_json)
+                         .where(ModelRecord.uid.in_(missing[i:i + 500])).tuples())
+                for uid, digest, card_json in chunk:
+                    cards[(uid, digest)] = card_from_json(card_json)
+            entries = []
+            for uid, series_uid, digest in rows:
+                card = cards.get((uid, digest))
+                if card is not None:  # (a row replaced between the two reads: seen next time)
+                    entries.append(CatalogueEntry(uid, series_uid, card))
+            self._cards = cards
+            self._catalogue_rows = rows if len(entries) == len(rows) else []
+            self._catalogue = tuple(entries)
+            return self._catalogue
 
     def all_with_terms(self) -> list[ModelRecord]:
         """Every model with its terms prefetched (for the selection algorithm)."""

@@ -7,6 +7,8 @@ does not offer. Each module here holds one such concern:
   one buffer, P-DATA straight to the DIMSE layer);
 * :mod:`.store_messages`: C-STORE-RQ decoded and C-STORE-RSP encoded by hand, served on the
   thread that received it;
+* :mod:`.find_responses`: C-FIND responses whose identifiers the handler encoded, their command
+  sets encoded by hand and written straight to the socket;
 * :mod:`.receive`: where the chunked receive writes a dataset, and how a handler finds that file;
 * :mod:`.contexts`: the per-association copy of the supported contexts, and the requestor's order
   of transfer syntaxes;
@@ -32,17 +34,19 @@ def install_server() -> None:
     """Process-wide pynetdicom settings for a node (idempotent):
 
     * datasets go to a file as they arrive, not into memory (a model can be 1 GiB);
-    * the tuned reactors (:mod:`.reactor`) and C-STORE messages (:mod:`.store_messages`);
+    * the tuned reactors (:mod:`.reactor`), C-STORE messages (:mod:`.store_messages`) and
+      C-FIND responses (:mod:`.find_responses`);
     * :func:`.contexts.copy_contexts` for the per-association copy of the supported contexts;
     * :mod:`.dimse_log`'s N-GET-RQ logger.
     """
     from pynetdicom import _config, transport
 
-    from node.dimse.compat import contexts, dimse_log, reactor, store_messages
+    from node.dimse.compat import contexts, dimse_log, find_responses, reactor, store_messages
 
     check()
     _config.STORE_RECV_CHUNKED_DATASET = True
     reactor.install()
     store_messages.install()
+    find_responses.install()  # (wraps store_messages' send_msg)
     transport.deepcopy = contexts.copy_contexts  # type: ignore[attr-defined]
     dimse_log.install()

@@ -49,6 +49,11 @@ _MODULE_ATTRIBUTES = (
     "pynetdicom.dimse_primitives:C_STORE._context_id",
     "pynetdicom.dimse_primitives:C_STORE._dataset_path",
     "pynetdicom.dimse_primitives:C_STORE._dataset_file",
+    "pynetdicom._config:LOG_RESPONSE_IDENTIFIERS",
+    "pynetdicom.service_class:encode",
+    "pynetdicom.service_class:ServiceClass._c_find_scp",
+    "pynetdicom.transport:AssociationSocket.send",
+    "pynetdicom.dimse:DIMSEServiceProvider.maximum_pdu_size",
 )
 
 # Names that exist only on instances: read from an acceptor association that is never started,
@@ -65,6 +70,8 @@ _INSTANCE_ATTRIBUTES = (
     "Association.dul._kill_thread",
     "Association.dul._recv_pdu",
     "Association.dul.to_provider_queue",
+    "Association.dul.socket",
+    "Association.dimse.cancel_req",
     "Association.dul.to_user_queue",
     "Association.dul.event_queue",
     "Association.dul.state_machine.current_state",

@@ -49,7 +49,7 @@ _pynetdicom_log = logging.getLogger("pynetdicom")
 C_STORE_RQ_FIELD = 0x0001
 C_STORE_RSP_FIELD = 0x8001
 NO_DATASET = 0x0101
-_LAST_COMMAND_FRAGMENT = b"\x03"  # PS3.8 E.2: command information, last fragment
+LAST_COMMAND_FRAGMENT = b"\x03"  # PS3.8 E.2: command information, last fragment
 _PREAMBLE = b"\0" * 128 + b"DICM"
 
 # --------------------------------------------------------------------------- the request
@@ -201,7 +201,7 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
         return
     if message is None and type(primitive) is P_DATA:
         pdvs = primitive.presentation_data_value_list
-        if pdvs and pdvs[0][1][:1] == _LAST_COMMAND_FRAGMENT and _plain_receive(self.assoc):
+        if pdvs and pdvs[0][1][:1] == LAST_COMMAND_FRAGMENT and _plain_receive(self.assoc):
             context_id, data = pdvs[0]
             command = decode_request(memoryview(data)[1:])
             cx = self.assoc._accepted_cx.get(context_id) if command is not None else None
@@ -254,11 +254,13 @@ def _serve(dimse: DIMSEServiceProvider, request: C_STORE, context_id: int) -> No
 # --------------------------------------------------------------------------- the response
 
 
-def _element(tag: int, value: bytes) -> bytes:
+def encode_element(tag: int, value: bytes) -> bytes:
+    """A command set element (Implicit VR Little Endian): tag, 4-byte length, value."""
     return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
+def encode_uid(value: str) -> bytes:
+    """A UID value padded to even length with NUL (PS3.5 9.1)."""
     raw = value.encode("ascii")
     return raw + b"\0" if len(raw) % 2 else raw
 
@@ -273,21 +275,21 @@ def encode_command(primitive: C_STORE) -> bytes | None:
     comment = primitive.ErrorComment
     elements = []
     if primitive.AffectedSOPClassUID is not None:
-        elements.append(_element(0x00000002, _uid(str(primitive.AffectedSOPClassUID))))
-    elements.append(_element(0x00000100, struct.pack("<H", C_STORE_RSP_FIELD)))
-    elements.append(_element(0x00000120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)))
-    elements.append(_element(0x00000800, struct.pack("<H", NO_DATASET)))
-    elements.append(_element(0x00000900, struct.pack("<H", status)))
+        elements.append(encode_element(0x00000002, encode_uid(str(primitive.AffectedSOPClassUID))))
+    elements.append(encode_element(0x00000100, struct.pack("<H", C_STORE_RSP_FIELD)))
+    elements.append(encode_element(0x00000120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)))
+    elements.append(encode_element(0x00000800, struct.pack("<H", NO_DATASET)))
+    elements.append(encode_element(0x00000900, struct.pack("<H", status)))
     if comment is not None:
         try:
             raw = str(comment).encode("ascii")
         except UnicodeEncodeError:
             return None  # pydicom's character set handling decides
-        elements.append(_element(0x00000902, raw + b" " if len(raw) % 2 else raw))
+        elements.append(encode_element(0x00000902, raw + b" " if len(raw) % 2 else raw))
     if primitive.AffectedSOPInstanceUID is not None:
-        elements.append(_element(0x00001000, _uid(str(primitive.AffectedSOPInstanceUID))))
+        elements.append(encode_element(0x00001000, encode_uid(str(primitive.AffectedSOPInstanceUID))))
     body = b"".join(elements)
-    return _element(0x00000000, struct.pack("<I", len(body))) + body
+    return encode_element(0x00000000, struct.pack("<I", len(body))) + body
 
 
 _library_send_msg = DIMSEServiceProvider.send_msg
@@ -304,10 +306,10 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
         command = encode_command(primitive)
         limit = self.maximum_pdu_size
         if command is not None and (limit == 0 or len(command) <= limit - 6):  # one fragment, as pynetdicom
-            if reactor.send_now(self.dul, context_id, _LAST_COMMAND_FRAGMENT + command):
+            if reactor.send_now(self.dul, context_id, LAST_COMMAND_FRAGMENT + command):
                 return
             pdata = P_DATA()
-            pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + command))
+            pdata.presentation_data_value_list.append((context_id, LAST_COMMAND_FRAGMENT + command))
             self.dul.send_pdu(pdata)
             return
     _library_send_msg(self, primitive, context_id)
