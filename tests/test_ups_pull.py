@@ -37,8 +37,10 @@ def test_performer_pulls_a_workitem_from_a_task_manager_and_writes_the_outcome_b
         study = pacs.rest(f"/studies/{study_id}")["MainDicomTags"]["StudyInstanceUID"]
         orthanc_peer = {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.port}
         manager_port = free_port()
+        # The manager does not know ORTHANC: as a worklist only, it checks a workitem's form, not
+        # whether it could retrieve the inputs itself.
         with node_process(tmp_path / "manager", ae_title="MANAGER", port=manager_port,
-                          peers=[orthanc_peer, requester.peer_entry()],
+                          peers=[requester.peer_entry()],
                           extra={"ups": {"perform": False}}) as manager:
             with requester.talk(manager) as assoc:
                 rsp, _ = assoc.send_n_action(action_info(ReceivingAE="REQUESTER"), 3, UnifiedProcedureStepWatch, GLOBAL)

@@ -90,10 +90,14 @@ class UpsService:
     def _is_peer(self, ae_title: str) -> bool:
         return self.ctx.config.peer(ae_title) is not None
 
-    def task_of(self, ds: Dataset) -> workitem.Task:
-        """The task of a workitem addressed to the node; raises :class:`workitem.Refused`."""
-        return workitem.parse_task(ds, is_peer=self._is_peer, own_ae=self.ctx.config.node.ae_title,
-                                   is_model=self._is_model)
+    def task_of(self, ds: Dataset, *, here: bool = True) -> workitem.Task:
+        """The task of a workitem addressed to the node; raises :class:`workitem.Refused`.
+
+        ``here=False`` checks the form only: a node that keeps the worklist for another
+        performer (``[ups] perform = false``) cannot judge that performer's peers and models."""
+        anything = lambda _: True  # noqa: E731
+        return workitem.parse_task(ds, is_peer=self._is_peer if here else anything,
+                                   own_ae=self.ctx.config.node.ae_title, is_model=self._is_model if here else anything)
 
     def _report(self, uid: str, ds: Dataset, *states_reached: str) -> None:
         """A UPS State Report of each state in turn to every subscriber of ``uid``."""
@@ -116,7 +120,7 @@ class UpsService:
             if model is not None:
                 # Refused now, with the reason, rather than canceled later: the requester is
                 # still on the line and can correct it.
-                self.task_of(ds)
+                self.task_of(ds, here=performed_here)
         except workitem.Refused as exc:
             return Created(exc.status, uid, exc.reason)
         ds.SOPClassUID = UnifiedProcedureStepPush
