@@ -23,6 +23,8 @@ import io
 import os
 import re
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -596,6 +598,69 @@ def unpack_file(
     return header.card
 
 
+# Payloads up to this size are verified in memory by verify(); larger ones from a temporary file.
+IN_MEMORY_VERIFY = 64 << 20
+
+
+def _load_deferred_block(ds: Dataset, path: Path) -> None:
+    """Read the values of our block's elements (but the payload) that were left on disk.
+
+    A dataset parsed with ``defer_size`` keeps large values (a long card) as raw elements with
+    their file offset; they are read here from ``path``, the file the dataset was parsed from,
+    so that :func:`_read_header` never depends on pydicom reopening a file it may not know.
+    """
+    start = _find_block_start(ds)
+    if start is None:
+        return
+    for offset in (EL_FORMAT, EL_LENGTH, EL_SHA256, EL_SCHEMA, EL_CARD):
+        tag = (PRIVATE_GROUP << 16) | start | offset
+        raw = ds._dict.get(tag)
+        if (raw is None or getattr(raw, "value", b"") is not None or getattr(raw, "value_tell", None) is None
+                or raw.length == 0xFFFFFFFF):
+            continue
+        with open(path, "rb") as fh:
+            fh.seek(raw.value_tell)
+            ds._dict[tag] = raw._replace(value=fh.read(raw.length))
+
+
+def verify(ds: Dataset, path: str | Path, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[ModelCard, PayloadInfo]:
+    """Verify a model object already parsed from ``path``, as :func:`unpack_file` does, without
+    parsing the file again; returns its card and payload facts.
+
+    For the Storage SCP, which has parsed the received file to check it (values above a few
+    KiB left on disk, at their offsets in ``path``). Checks, in order: our object, the payload
+    within ``max_payload``, the card, the payload's length and SHA-256 (computed here over its
+    bytes), ``onnx.checker``, the graph's signature against the card. A payload up to
+    :data:`IN_MEMORY_VERIFY` is read into memory and checked from there (no temporary file);
+    a larger one goes through :func:`unpack_file`. ``onnx.checker`` runs once per payload digest
+    in this process: a digest this process computed and matched is the same bytes, which the
+    checker has passed already (the card is compared with the graph every time).
+    """
+    path = Path(path)
+    _load_deferred_block(ds, path)
+    header = _read_header(ds, max_payload)
+    tag = (PRIVATE_GROUP << 16) | header.block | EL_PAYLOAD
+    raw = ds.get_item(tag, keep_deferred=True) if tag in ds else None
+    if raw is None:
+        raise TruncatedPayload(f"{path} has no payload element: the file is truncated or stripped")
+    value_tell = getattr(raw, "value_tell", None)
+    if getattr(raw, "value", b"") is None and value_tell is not None:  # left on disk
+        want = min(header.length, raw.length)
+        if want > IN_MEMORY_VERIFY:
+            return unpack_file(path, None, max_payload=max_payload), PayloadInfo(header.length, header.sha256)
+        with open(path, "rb") as fh:
+            fh.seek(value_tell)
+            payload = fh.read(want)
+    else:
+        payload = _raw_bytes(ds[tag])
+        if len(payload) == header.length + 1 and header.length % 2 == 1:
+            payload = payload[:-1]
+    computed = hashlib.sha256(payload).hexdigest()
+    _check_digest(header, len(payload), computed)
+    _verify_onnx_bytes(payload, computed, header.card)
+    return header.card, PayloadInfo(header.length, header.sha256)
+
+
 @dataclass(frozen=True)
 class RepairResult:
     """What :func:`repair_file` did: ``changes`` names each fix, empty if none was needed."""
@@ -680,6 +745,12 @@ def repair_file(
 
 def _verify_onnx(payload: bytes | BinaryIO | Path, card: ModelCard) -> None:
     """Run onnx.checker and compare the graph's signature with the card."""
+    inputs, outputs = _checked_signature(payload)
+    _check_signature(inputs, outputs, card)
+
+
+def _checked_signature(payload: bytes | BinaryIO | Path) -> tuple[list, list]:
+    """onnx.checker on ``payload``; the graph's inputs (initializers left out) and outputs."""
     try:
         if isinstance(payload, Path):
             onnx.checker.check_model(str(payload))
@@ -705,10 +776,40 @@ def _verify_onnx(payload: bytes | BinaryIO | Path, card: ModelCard) -> None:
     graph = model.graph
     # Initializers may be listed as inputs in old exports; they are not fed by the caller.
     inits = {i.name for i in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in inits]
-    outputs = list(graph.output)
-    del model
-    _check_signature(inputs, outputs, card)
+    # Copies: a sub-message would keep the whole model (its weights) alive while cached.
+    inputs = [_copy_value_info(i) for i in graph.input if i.name not in inits]
+    outputs = [_copy_value_info(o) for o in graph.output]
+    del model, graph
+    return inputs, outputs
+
+
+def _copy_value_info(info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(info)
+    return out
+
+
+# The signatures of payloads that passed onnx.checker, by the SHA-256 this process computed over
+# their bytes (see verify()). A payload with the same digest is the same bytes, so checking it
+# again could only give the same answer; the card is still compared with the signature each time.
+_CHECKED_MAX = 256
+_checked: OrderedDict[str, tuple[list, list]] = OrderedDict()
+_checked_lock = threading.Lock()
+
+
+def _verify_onnx_bytes(payload: bytes, computed_sha256: str, card: ModelCard) -> None:
+    """:func:`_verify_onnx` for bytes whose SHA-256 was just computed from them, checked once per digest."""
+    with _checked_lock:
+        signature = _checked.get(computed_sha256)
+        if signature is not None:
+            _checked.move_to_end(computed_sha256)
+    if signature is None:
+        signature = _checked_signature(payload)
+        with _checked_lock:
+            _checked[computed_sha256] = signature
+            while len(_checked) > _CHECKED_MAX:
+                _checked.popitem(last=False)
+    _check_signature(*signature, card)
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
@@ -783,7 +884,8 @@ def _atomic_output(path: Path, keep: bool = True) -> Iterator[BinaryIO]:
         with open(tmp, "w+b") as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if keep:  # (a file only verified and deleted needs no durability)
+                os.fsync(fh.fileno())
         if keep:
             os.replace(tmp, path)
             _fsync_dir(path.parent)

@@ -257,7 +257,7 @@ def test_a_c_cancel_in_the_middle_of_the_stream(tmp_path) -> None:
             assert numbers == list(range(total))
             # With one after the tenth response: cut short, final status Cancel.
             got, final = 0, None
-            for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind, msg_id=7):
+            for status, _ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind, msg_id=7):
                 if status.Status in (0xFF00, 0xFF01):
                     got += 1
                     if got == 10:

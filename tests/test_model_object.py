@@ -399,3 +399,58 @@ def test_shipped_reference_objects_have_even_payload_values(name):
     assert path.stat().st_size == at + length
     assert path.read_bytes()[at + info.length:] == b"\x00" * (info.length % 2)
     assert card.identity.uid == pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+
+
+# --------------------------------------------------------------------------- verify (the Storage SCP's path)
+
+
+def _parsed(path: Path):
+    """The dataset as the Storage SCP parses a received file (large values left on disk)."""
+    from node.storage.validate import parse
+
+    with open(path, "rb") as fh:
+        return parse(fh, path.stat().st_size, str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID))
+
+
+@pytest.mark.parametrize("weight_elems", [0, 4096, 40000], ids=["inline", "deferred", "past-the-first-64-KiB"])
+def test_verify_checks_what_unpack_checks_without_reading_the_file_again(tmp_path, seg_card, weight_elems):
+    path = tmp_path / "m.dcm"
+    onnx_bytes = segmentation_model(weight_elems=weight_elems, seed=weight_elems)
+    mo.write(mo.encode(onnx_bytes, seg_card), path)
+    card, payload = mo.verify(_parsed(path), path)
+    assert card == mo.unpack_file(path, None) and payload.sha256 == hashlib.sha256(onnx_bytes).hexdigest()
+    assert payload.length == len(onnx_bytes)
+    # A flipped payload byte: refused as unpack_file refuses it.
+    raw = bytearray(path.read_bytes())
+    at = raw.rfind(onnx_bytes[-64:]) + 10
+    raw[at] ^= 0xFF
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(mo.ChecksumMismatch):
+        mo.verify(_parsed(bad), bad)
+    with pytest.raises(mo.ChecksumMismatch):
+        mo.unpack_file(bad, None)
+
+
+def test_the_checker_runs_once_per_payload_digest_and_the_card_is_checked_every_time(tmp_path, seg_card, monkeypatch):
+    runs = []
+    library = mo._checked_signature
+    monkeypatch.setattr(mo, "_checked_signature", lambda payload: runs.append(1) or library(payload))
+    onnx_bytes = segmentation_model(seed=1234)
+    first, second = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    mo.write(mo.encode(onnx_bytes, seg_card), first)
+    renamed = replace(seg_card, identity=replace(seg_card.identity, name="same-weights"))
+    mo.write(mo.encode(onnx_bytes, renamed), second)
+    runs.clear()  # (encode checks too)
+    mo.verify(_parsed(first), first)
+    mo.verify(_parsed(second), second)
+    assert len(runs) == 1  # same bytes (SHA-256 computed over them here): checked once
+    # Same weights, a card that disagrees with the graph: still refused.
+    data = segmentation_card_dict(name="three-classes")
+    data["task"]["classes"].append({**data["task"]["classes"][0], "label": "third"})
+    wrong = parse_card(data)
+    third = tmp_path / "c.dcm"
+    mo.write(mo.encode(onnx_bytes, wrong, verify=False), third)
+    with pytest.raises(mo.ShapeMismatch):
+        mo.verify(_parsed(third), third)
+    assert len(runs) == 1

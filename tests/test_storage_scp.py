@@ -595,6 +595,27 @@ def test_start_drops_rows_whose_file_a_power_cut_lost(tmp_path):
         assert_serving(n)
 
 
+@pytest.mark.timeout(90)
+def test_start_drops_a_model_whose_file_a_power_cut_lost(tmp_path):
+    """A model commits while its directory entry is synced too (issue 19): one lost is unregistered."""
+    with node_process(tmp_path / "n") as n:
+        dcm = _pack_model(tmp_path, name="scp-lost-model")
+        uid = str(pydicom.dcmread(dcm, stop_before_pixels=True).SOPInstanceUID)
+        assert pn_store(n, dcm).Status == 0x0000
+        digest = instance_row(n, uid)["digest"]
+        n.stop()
+        (n.data_dir / "objects" / digest[:2] / digest[2:4] / f"{digest}.dcm").unlink()  # what the cut lost
+        n.restart()
+        assert instance_row(n, uid) is None
+        assert query(n, "SELECT count(*) FROM modelrecord WHERE uid = ?", uid) == [(0,)]
+        assert query(n, "SELECT count(*) FROM modelterm") == [(0,)]
+        assert f"model {uid} had no file" in n.log()
+        # Sent again, it is registered again.
+        assert pn_store(n, dcm).Status == 0x0000
+        assert query(n, "SELECT count(*) FROM modelrecord WHERE uid = ?", uid) == [(1,)]
+        assert_serving(n)
+
+
 @pytest.mark.timeout(120)
 def test_sigkill_during_store_loses_no_acknowledged_instance(tmp_path):
     """SIGKILL in the middle of 200 C-STOREs: after a restart every acknowledged instance is there."""

@@ -131,6 +131,8 @@ def test_served_on_the_receiving_thread_only_when_the_association_thread_is_idle
     model.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.66"  # Raw Data: a model object
     assert _serve_here(_dimse(), ct)
     assert not _serve_here(_dimse(), model)  # verification can take seconds: the association's thread
+    assert not _serve_here(_dimse(), model, 2 << 20)
+    assert _serve_here(_dimse(), model, 3000)  # a small model object is verified in a millisecond
     assert not _serve_here(_dimse(queued=1), ct)  # something queued before it: keep the order
     assert not _serve_here(_dimse(paused=True), ct)  # that thread is serving something else
     assert not _serve_here(_dimse(acceptor=False), ct)  # our own C-GET: pynetdicom's loop takes it

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from iods import model_object
 from iods.uids import storable_uid, valid_uid
@@ -160,16 +161,16 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
         received = None
         digest, size = hash_file(src), src.stat().st_size
     durable = Durable(store, src, digest, size, received)
-    # 2. The data is complete: a worker fsyncs it while another parses it (its header was
-    # parsed and its index values read while it arrived), and this thread goes on to the checks
-    # and the index statements; the rename waits for the fsync. Opened here, by descriptor, so
-    # the parser never needs the path.
+    # 2. The data is complete: a worker fsyncs it while this thread parses it (its header was
+    # parsed and its index values read by another worker while it arrived) and goes on to the
+    # checks and the index statements; the rename waits for the fsync. Opened here, by
+    # descriptor, so the parser never needs the path. (Parsing on a worker too only added a
+    # hand-off: this thread waited for it.)
     durable.start_sync()
     fh = open(os.open(src, os.O_RDONLY), "rb")  # noqa: SIM115 (closed by _parse_and_close)
     header = received.header if received is not None else None
-    parsing = durable_store.sync_pool.submit(_parse_and_close, fh, size, transfer_syntax, header)
     try:
-        ds, entry = parsing.result()
+        ds, entry = _parse_and_close(fh, size, transfer_syntax, header)
         ds_class = index.text(ds, "SOPClassUID")
         ds_uid = index.text(ds, "SOPInstanceUID")
         if ds_class != rq_class:
@@ -183,15 +184,12 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
 
         # 3. A model object is verified completely before anything is committed.
         is_model = is_model_dataset(ds)
-        card = None
+        model = None
         if is_model:
-            try:
-                card = model_object.unpack_file(src, None, max_payload=ctx.app.registry.max_payload)
-            except model_object.ModelObjectError as exc:
-                raise StoreRefused(MODEL_REFUSED, f"{exc.code}: {exc}") from exc
+            model = _verify_model(ds, src, transfer_syntax, ctx.app.registry.max_payload)
 
         # 4. Into objects/ and into the index, in one transaction, one writer at a time.
-        old_digest = _index(ctx, ds, durable, transfer_syntax, calling, is_model, card, event.assoc, entry)
+        old_digest = _index(ctx, ds, durable, transfer_syntax, calling, is_model, model, event.assoc, entry)
         stored = durable.finish()
     except BaseException:
         durable.abandon(ctx)
@@ -199,6 +197,22 @@ def _store(event: Any, ctx: NodeContext, src: Path, received: ReceiveFile | None
     if old_digest and old_digest != stored.digest:
         discard(ctx, old_digest)
     return stored, is_model
+
+
+def _verify_model(ds: Dataset, src: Path, transfer_syntax: str, max_payload: int,
+                  ) -> tuple[model_object.ModelCard, model_object.PayloadInfo]:
+    """Checksum, onnx.checker, card and shapes of a model object (refused with 0xC100 if any fails).
+
+    From the dataset the handler parsed (:func:`iods.model_object.verify`); a deflated one is
+    read again from its file (its parsed offsets are those of the inflated data).
+    """
+    try:
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            card = model_object.unpack_file(src, None, max_payload=max_payload)
+            return card, model_object.read_card(model_object.read_file(src), max_payload=max_payload)[1]
+        return model_object.verify(ds, src, max_payload=max_payload)
+    except model_object.ModelObjectError as exc:
+        raise StoreRefused(MODEL_REFUSED, f"{exc.code}: {exc}") from exc
 
 
 def _parse_and_close(fh: BinaryIO, size: int, transfer_syntax: str,
@@ -222,7 +236,7 @@ def _parse_and_close(fh: BinaryIO, size: int, transfer_syntax: str,
 
 
 def _index(ctx: NodeContext, ds: Dataset, durable: Durable, transfer_syntax: str,
-           calling: str, is_model: bool, card: Any, assoc: Any = None,
+           calling: str, is_model: bool, model: tuple[Any, Any] | None, assoc: Any = None,
            entry: index.IndexEntry | None = None) -> str | None:
     """Write the index rows; commit once the file they name is in place.
 
@@ -249,11 +263,16 @@ def _index(ctx: NodeContext, ds: Dataset, durable: Durable, transfer_syntax: str
             if policy == "reject" or old_is_model or is_model:
                 raise StoreRefused(DUPLICATE_SOP_INSTANCE,
                                    f"SOP Instance UID already stored with other content ({policy})")
-        if previous is not None or is_model:
-            durable.finish()  # an older version is replaced, or a model registered: directory first
+        if previous is not None:
+            durable.finish()  # an older version is replaced: directory first
         if is_model:
+            card, payload = model if model is not None else (None, None)
             try:
-                ctx.app.registry.register_stored(ds, durable.finish(), card=card, source=calling,
+                # Registered where its file is going: as for an image, the file's fsync runs
+                # under these statements and its directory's under the commit
+                # (node.storage.durable.recover drops a model whose file a power cut lost).
+                target = StoredObject(durable.digest, ctx.app.store.path(durable.digest), durable.size)
+                ctx.app.registry.register_stored(ds, target, card=card, payload=payload, source=calling,
                                                  transfer_syntax=transfer_syntax)
             except ModelConflict as exc:
                 raise StoreRefused(DUPLICATE_SOP_INSTANCE, f"{exc.code}: model is immutable") from exc

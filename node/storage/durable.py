@@ -162,7 +162,7 @@ def recover(ctx: NodeContext) -> int:
     """At start: drop the newest index rows whose file is missing; returns how many.
 
     Only a power cut can cause it (see :func:`node.dimse.store_scp._index`): a new instance's
-    row committed while its directory entry was not yet on disk. Such an instance was never
+    (or model's) row committed while its directory entry was not yet on disk. Such an instance was never
     acknowledged. At most one per association was in that window, so the newest rows are enough
     to look at.
     """
@@ -173,10 +173,14 @@ def recover(ctx: NodeContext) -> int:
         index.Instance.received_at.desc()).limit(limit)
     for row in list(rows):
         if not store.exists(row.digest):
+            from node.storage.registry import ModelRecord
+
             with ctx.write_lock, write_transaction():
                 index.remove_instance(row.sop_uid)
-            log.warning("recovered from a crash: instance %s had no file (never acknowledged); removed from the index",
-                        row.sop_uid)
+                # A model object is registered in the same transaction as its instance row.
+                models = ModelRecord.delete().where(ModelRecord.uid == row.sop_uid).execute()
+            log.warning("recovered from a crash: %s %s had no file (never acknowledged); removed from the %s",
+                        "model" if models else "instance", row.sop_uid, "registry" if models else "index")
             removed += 1
     return removed
 

@@ -111,10 +111,12 @@ def _at_pixels(tag: int, vr: str | None, length: int) -> bool:
     return tag in _PIXEL_TAG_VALUES
 
 
-def _parse_head(head: bytes, transfer_syntax: str | None) -> tuple[Dataset, int] | None:
+def _parse_head(head: bytes, transfer_syntax: str | None, complete: bool = False) -> tuple[Dataset, int] | None:
     """The header parsed from the first bytes of a file that is still arriving, if it ends there.
 
-    Returns the dataset and the offset of its pixel data element, as :func:`_read_header` does.
+    Returns the dataset and the offset of its pixel data element, as :func:`_read_header` does;
+    with ``complete`` (``head`` is the whole file) also a dataset without pixel data, and the
+    offset of its end.
     None when the header goes on past these bytes or does not parse: the handler then parses
     the whole file itself, and a refusal gets its reason from that parse.
 
@@ -134,6 +136,8 @@ def _parse_head(head: bytes, transfer_syntax: str | None) -> tuple[Dataset, int]
     except Exception:  # noqa: BLE001 (any failure means: parse the complete file later)
         return None
     pos = buf.tell()
+    if complete and pos == len(head):
+        return (ds, pos) if len(ds) else None  # the whole file (a model object: no pixel data)
     return (ds, pos) if len(ds) and head[pos:pos + 4] in _PIXEL_TAGS else None
 
 
@@ -141,6 +145,11 @@ def _read_header(fh: BinaryIO, size: int, transfer_syntax: str | None = None) ->
     """Parse up to the pixel data; returns the dataset and the file offset where it stopped."""
     head = fh.read(HEAD_SIZE)
     if len(head) == size:  # the whole file is in memory: its parse errors are the answer
+        # Past our own File Meta with read_dataset, as for a header (a small model object:
+        # 0.2 ms instead of 0.6 ms); anything unusual gets dcmread and its error message.
+        got = _parse_head(head, transfer_syntax, complete=True)
+        if got is not None:
+            return got
         buf = io.BytesIO(head)
         ds = dcmread(buf, stop_before_pixels=True, defer_size=_DEFER)
         return ds, buf.tell()

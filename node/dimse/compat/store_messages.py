@@ -158,6 +158,16 @@ class StoreRequest:
         primitive._dataset_file = self.file
         return primitive
 
+    def size(self) -> int | None:
+        """Bytes of the dataset received so far (None if the file cannot say)."""
+        size = getattr(self.file, "size", None)
+        if isinstance(size, int):
+            return size
+        try:
+            return self.file.tell()
+        except (OSError, ValueError):
+            return None
+
     def discard(self) -> None:
         self.file.close()
         Path(self.file.name).unlink(missing_ok=True)
@@ -194,7 +204,7 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
                 message.discard()
                 self.dul.event_queue.put("Evt19")
                 return
-            if _serve_here(self, request):
+            if _serve_here(self, request, message.size()):
                 _serve(self, request, message.context_id)
             else:
                 self.msg_queue.put((message.context_id, request))
@@ -215,7 +225,12 @@ def _receive_primitive(self: DIMSEServiceProvider, primitive: Any) -> None:
     _library_receive_primitive(self, primitive)
 
 
-def _serve_here(dimse: DIMSEServiceProvider, request: C_STORE) -> bool:
+# Raw Data up to this size is served on the receiving thread too: a model object this small is
+# verified in about a millisecond (issue 19: 2,000 small models, 0.3 ms saved on each).
+SMALL_RAW_DATA = 1 << 20
+
+
+def _serve_here(dimse: DIMSEServiceProvider, request: C_STORE, size: int | None = None) -> bool:
     """Whether the thread that received ``request`` (the DUL reactor) may also serve it.
 
     pynetdicom queues a complete request for the association's own thread, which wakes up,
@@ -225,12 +240,14 @@ def _serve_here(dimse: DIMSEServiceProvider, request: C_STORE) -> bool:
     with them, 4 interleaved runs each). The sender waits for the answer, so nothing else
     arrives meanwhile, and serving it here keeps pynetdicom's order: only when the association's
     thread has nothing queued and is not serving something else (a C-FIND on the same
-    association, say). Raw Data (a model object, whose verification can take seconds) still goes
-    to the association's thread.
+    association, say). Raw Data (a model object, whose verification can take seconds) larger
+    than :data:`SMALL_RAW_DATA` bytes (``size``: the dataset received) still goes to the
+    association's thread.
     """
     assoc = dimse.assoc
-    return (assoc.is_acceptor and assoc.is_established and not assoc._is_paused and not dimse.msg_queue.qsize()
-            and request.AffectedSOPClassUID != RAW_DATA_STORAGE)
+    if request.AffectedSOPClassUID == RAW_DATA_STORAGE and (size is None or size > SMALL_RAW_DATA):
+        return False
+    return assoc.is_acceptor and assoc.is_established and not assoc._is_paused and not dimse.msg_queue.qsize()
 
 
 def _serve(dimse: DIMSEServiceProvider, request: C_STORE, context_id: int) -> None:
