@@ -40,6 +40,7 @@ Python, so SQLite and PostgreSQL answer the same.
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import re
@@ -819,6 +820,44 @@ def compute(found: list[Match], level: str, names: set[str], coded: bool) -> Non
             m.computed["_terms"] = terms.get(m.series.series_uid, [])
 
 
+# Compiled queries by (database, level, the WHERE clause's text): peewee composed the whole
+# query in about 1 ms, most of a small C-FIND's time in the node; the WHERE clause alone in 0.05 ms.
+_compiled_sql: dict[tuple[int, str, str], tuple[str, list[Any]]] = {}
+_COMPILED_MAX = 512
+
+
+def _compiled(query: Query, db: peewee.Database) -> tuple[str, list[Any]]:
+    """The SQL text and parameters of :func:`matches`' query for ``query``.
+
+    The text depends on the query's shape only (its level and the structure of its WHERE
+    clause, which the WHERE clause's own text names), so it is composed once per shape; the
+    parameters are those of the WHERE clause, composed each time, then the ORDER BY's constants.
+    A shape whose parameters do not come out in that order is never cached.
+    """
+    exprs = [e for e in (cond.sql() for cond in query.conditions) if e is not None]
+    where = functools.reduce(operator.and_, exprs) if exprs else None
+    if where is not None:
+        ctx = db.get_sql_context()
+        ctx.sql(where)
+        where_text, where_params = ctx.query()
+    else:
+        where_text, where_params = "", []
+    key = (id(db), query.level, where_text)
+    cached = _compiled_sql.get(key)
+    if cached is not None:
+        text, tail = cached
+        return text, [*where_params, *tail]
+    sql = _select(query.level)
+    if where is not None:
+        sql = sql.where(where)
+    text, params = sql.order_by(*_order_by(query.level, db)).sql()
+    if params[:len(where_params)] == where_params:
+        if len(_compiled_sql) >= _COMPILED_MAX:
+            _compiled_sql.clear()
+        _compiled_sql[key] = (text, params[len(where_params):])
+    return text, params
+
+
 def fetch_chunks(cursor: Any, size: int) -> Iterator[list[tuple]]:
     """The rows of a database cursor, ``size`` at a time (the one place rows are read)."""
     while rows := cursor.fetchmany(size):
@@ -838,13 +877,8 @@ def matches(query: Query, *, chunk: int = _CHUNK) -> Iterator[Match]:
     fetches the whole result when the query runs: with PostgreSQL the driver holds the matching
     rows' tuples, while the responses are still built and sent one at a time.)
     """
-    sql = _select(query.level)
-    for cond in query.conditions:
-        expr = cond.sql()
-        if expr is not None:
-            sql = sql.where(expr)
     db = database_proxy.obj
-    text, params = sql.order_by(*_order_by(query.level, db)).sql()
+    text, params = _compiled(query, db)
     make = _row_maker(query.level)
     computed = query.computed_needed
     coded = bool(query.coded)
