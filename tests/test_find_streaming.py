@@ -151,3 +151,21 @@ def test_the_handler_answers_as_it_reads_and_stops_at_a_cancel(app, monkeypatch,
     event = _Event(ds)
     answers = [(s, i) for s, i in query_scp.handle_query(event, ctx)]
     assert [s for s, _ in answers].count(PENDING) == 5000 and answers[-1] == (SUCCESS, None)
+
+
+@pytest.mark.timeout(60)
+def test_queries_of_one_shape_share_their_sql_and_keep_their_own_values(app, monkeypatch) -> None:
+    monkeypatch.setattr(query_scp, "_compiled_sql", {})
+    _bulk(10, series_number="1")
+    _bulk(20, series_number="2")
+    for number, count in (("1", 10), ("2", 20), ("1", 10)):
+        query = _query("IMAGE", SeriesInstanceUID=f"2.25.8{number}", SOPInstanceUID="")
+        found = list(query_scp.matches(query))
+        assert len(found) == count and {m.series.series_number for m in found} == {number}
+    assert len(query_scp._compiled_sql) == 1  # one shape, composed once
+    # Another shape (a list of UIDs, a wildcard) gets its own SQL and its own answer.
+    both = _query("SERIES", SeriesInstanceUID="2.25.81\\2.25.82", Modality="")
+    assert [m.series.series_number for m in query_scp.matches(both)] == ["1", "2"]
+    wild = _query("STUDY", PatientID="BULK*")
+    assert [m.patient.patient_id for m in query_scp.matches(wild)] == ["BULK1", "BULK2"]
+    assert len(query_scp._compiled_sql) == 3
