@@ -167,8 +167,8 @@ class InferenceSection:
     intra_op_threads: int = 0  # 0: one per core the node may use
     inter_op_threads: int = 1
     batch_size: int = 16  # slices per Run() for 2D models
-    # Sliding-window models: windows per Run() (0: the card's sliding_window.batch) and Run()
-    # calls in flight at once (0: decided per provider, see docs/pipeline.md).
+    # Sliding-window models: windows per Run() (0: the card's sliding_window.batch on a GPU, at
+    # least 2 on the CPU) and Run() calls in flight at once (0: one).
     window_batch: int = 0
     window_workers: int = 0
     trt_fp16: bool = False  # TensorRT may run layers in half precision
