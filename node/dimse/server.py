@@ -230,12 +230,26 @@ class Node:
         if self.pipeline is not None:
             self.pipeline.start()
         self._start_ups()
+        # The registry's cards for the selection C-FIND, parsed once now rather than in the
+        # first query (0.6 s for 2,000 models; Registry.catalogue).
+        threading.Thread(target=self._read_catalogue, name="modelnode-catalogue", daemon=True).start()
         # The port is bound and the database open: tell systemd (no-op outside it).
         systemd.notify(f"READY=1\nSTATUS=serving {n.ae_title} on {n.bind}:{self.port}")
         self._watchdog = systemd.Watchdog()
         self._watchdog.start()
         if block:
             self._stopped.wait()
+
+    def _read_catalogue(self) -> None:
+        try:
+            self.app.registry.catalogue()
+        except Exception as exc:  # noqa: BLE001 (the first selection C-FIND reads it again and reports)
+            log.debug("model catalogue not read ahead: %s", exc)
+        finally:
+            try:
+                self.app.db.close()  # (this thread's connection)
+            except Exception:  # noqa: BLE001,S110 (stopping meanwhile: nothing to close)
+                pass
 
     def _start_ups(self) -> None:
         """The event sender and, with ``[ups] perform`` and the pipeline on, the Task Performer."""
