@@ -706,3 +706,29 @@ def _content_label(name: str) -> str:
     # Cut, then strip: a cut can end on an underscore, which a CS may not end with.
     label = re.sub(r"[^A-Z0-9_]", "_", name.upper())[:16].strip("_")
     return label or "AI_RESULT"
+
+
+UNVERIFIED_PREFIX = "UNVERIFIED"
+COMMENT = SRCode(value="121106", scheme_designator="DCM", meaning="Comment")
+
+
+def mark_unverified(ds: Dataset, text: str) -> Dataset:
+    """Mark a SEG or SR built above as unverified, where a radiologist sees it.
+
+    The node ran a model although the images and the header disagree on the body part
+    (``selection.on_contradiction = "mark"``): SeriesDescription starts with ``UNVERIFIED``
+    (the line a PACS lists the series by), a SEG's ContentDescription holds ``text``, and an SR
+    gets ``text`` as a Comment (DCM 121106) TEXT item in its root container, read out by every
+    SR viewer. Changes ``ds`` in place and returns it.
+    """
+    text = _st(text).strip() or "UNVERIFIED: image and header disagree"
+    ds.SeriesDescription = _lo(f"{UNVERIFIED_PREFIX} {ds.get('SeriesDescription', '') or ''}")
+    modality = str(ds.get("Modality", ""))
+    if modality == "SEG":
+        ds.ContentDescription = _lo(text)
+    elif modality == "SR":
+        item = hd.sr.TextContentItem(name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        ds.ContentSequence.append(item)
+    else:
+        raise ValueError(f"mark_unverified: Modality {modality!r} is neither SEG nor SR")
+    return ds

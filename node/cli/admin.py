@@ -100,6 +100,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             report["outbox"] = outbox.backlog()
             failed = (jobs.Job.select().where(jobs.Job.state == "failed").order_by(jobs.Job.finished_at.desc()).limit(5))
             report["last_errors"] = [{"job": j.id, "at": str(j.finished_at), "error": j.error} for j in failed]
+            # Jobs waiting for a person: images and header disagree (modelnode jobs show ID).
+            held = jobs.Job.select().where(jobs.Job.state == "held").order_by(jobs.Job.id.desc()).limit(10)
+            report["held_for_review"] = [{"job": j.id, "since": str(j.finished_at), "why": j.error} for j in held]
             dead = (outbox.OutboxItem.select().where(outbox.OutboxItem.state == "dead")
                     .order_by(outbox.OutboxItem.id.desc()).limit(5))
             report["dead_exports"] = [{"sop_uid": d.sop_uid, "to": d.destination, "error": d.last_error} for d in dead]

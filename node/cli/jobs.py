@@ -98,11 +98,16 @@ def cmd_show(args: argparse.Namespace) -> int:
               + (f", last error: {e['last_error']}" if e["last_error"] else ""))
     for sel in d["selection"]:
         print(f"\nselection for series {sel.get('series_uid', '')}:")
+        c = sel.get("facts", {}).get("contradiction")
+        if c:
+            print(f"  CONTRADICTION ({c['policy']}: {sel.get('contradiction_action', '')}): {c['text']}")
+            if sel.get("held"):
+                print(f"  held for review: modelnode jobs retry {d['id']} --model NAME | --trust image | --trust header")
         for c in sel.get("ranked", []):
             print(f"  {c['name']} {c['version']} score {c['score']:g}")
             for comp in c["components"]:
                 print(f"      {comp['rule']:<10} {comp['points']:+g}  {comp['reason']}")
-        if not sel.get("ranked"):
+        if not sel.get("ranked") and not c:
             print("  no suitable model")
         for r in sel.get("rejected", []):
             print(f"  rejected {r['name']} {r['version']}: {'; '.join(r['reasons'])}")
@@ -117,12 +122,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
         if jobs.Job.get_or_none(jobs.Job.id == args.id) is None:
             raise CliError(f"no job {args.id}", EXIT_NOT_FOUND)
         try:
-            job = jobs.retry(args.id)
+            job = jobs.retry(args.id, model=args.model or "", trust=args.trust or "")
         except ValueError as exc:
             raise CliError(str(exc), EXIT_CONFLICT) from exc
     finally:
         app.close()
-    print(f"job {job.id} queued again (a running node picks it up within its poll interval)")
+    decided = f" with model {args.model}" if args.model else (f", trusting the {args.trust}" if args.trust else "")
+    print(f"job {job.id} queued again{decided} (a running node picks it up within its poll interval)")
     return 0
 
 
@@ -132,7 +138,7 @@ def register(sub: Any) -> None:
     jsub = p.add_subparsers(dest="jobs_command", metavar="ACTION")
     jsub.required = True
     sp = jsub.add_parser("list", help="recent jobs, newest first")
-    sp.add_argument("--state", choices=["pending", "selected", "running", "done", "failed", "exported"])
+    sp.add_argument("--state", choices=["pending", "selected", "running", "done", "failed", "exported", "held"])
     sp.add_argument("--limit", type=int, default=50)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_list)
@@ -140,6 +146,13 @@ def register(sub: Any) -> None:
     sp.add_argument("id", type=int)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_show)
-    sp = jsub.add_parser("retry", help="queue a finished or failed job again")
+    sp = jsub.add_parser("retry", help="queue a finished, failed or held job again",
+                         description="Queue a job again. On a job held because its images contradict its header, "
+                                     "--model or --trust is a person's decision after review.")
     sp.add_argument("id", type=int)
+    decide = sp.add_mutually_exclusive_group()
+    decide.add_argument("--model", metavar="NAME_OR_UID",
+                        help="run this model (still checked against the series), whatever the image check says")
+    decide.add_argument("--trust", choices=["image", "header"],
+                        help="select on the image check's reading, or on the header's")
     sp.set_defaults(func=cmd_retry)

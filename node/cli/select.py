@@ -78,13 +78,15 @@ def cmd_select(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     for series_uid in sorted(groups):
         series = groups[series_uid]
-        seen = []
+        readings, seen = [], []
         if sessions is not None:
-            from models.image_check import image_anatomy
+            from models.image_check import as_anatomy, image_readings
 
-            seen = image_anatomy(series, models, load, normaliser)
+            readings = image_readings(series, models, load, normaliser)
+            seen = as_anatomy(readings)
         facts = SeriesFacts.from_datasets(series, normaliser=normaliser, called_ae=args.called_ae or "",
-                                          findings=args.finding or [], image_anatomy=seen)
+                                          findings=args.finding or [], image_anatomy=seen,
+                                          image_readings=readings, settings=cfg.selection)
         sel = select(facts, models, cfg.selection, normaliser=normaliser)
         results.append({"series_uid": series_uid, "instances": len(series), "selection": sel})
     if args.json:

@@ -43,10 +43,14 @@ MODEL_REMOVED = "model-removed"
 MODEL_RETRIEVED = "model-retrieved"
 IMAGES_STORED = "images-stored"
 SELECTION = "selection"
+# The images contradict the header (node.pipeline.selection.Contradiction): both readings,
+# their probabilities, the policy and what it did (held, trusted image/header, marked).
+CONTRADICTION = "selection-contradiction"
 RESULT_EXPORTED = "result-exported"
 WORKITEM = "workitem"
 EVENTS = frozenset({ASSOCIATION_ACCEPTED, ASSOCIATION_REJECTED, IDENTITY_REJECTED, MODEL_STORED, MODEL_REPLACED,
-                    MODEL_REMOVED, MODEL_RETRIEVED, IMAGES_STORED, SELECTION, RESULT_EXPORTED, WORKITEM})
+                    MODEL_REMOVED, MODEL_RETRIEVED, IMAGES_STORED, SELECTION, CONTRADICTION, RESULT_EXPORTED,
+                    WORKITEM})
 
 
 def _now() -> str:

@@ -35,6 +35,9 @@ ASSOCIATIONS = Counter("modelnode_associations", "Association events by result",
 STORE_REFUSED = Counter("modelnode_store_refused", "C-STOREs answered with a failure status, by reason",
                         ["reason"], registry=REGISTRY)
 SELECTIONS = Counter("modelnode_selection", "Model selections by outcome", ["outcome"], registry=REGISTRY)
+CONTRADICTIONS = Counter("modelnode_selection_contradictions",
+                         "Series whose images contradict their header, by the policy applied", ["policy"],
+                         registry=REGISTRY)
 INFERENCE_SECONDS = Histogram(
     "modelnode_inference_seconds", "Wall time of one model run on one series (pre-processing to result objects)",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600), registry=REGISTRY)
@@ -49,7 +52,8 @@ AUDIT_ERRORS = Counter("modelnode_audit_errors", "Audit events that could not be
 # Label values that exist from the start, so a dashboard sees 0 rather than no series.
 KINDS = ("image", "model")
 ASSOCIATION_RESULTS = ("accepted", "rejected", "aborted", "released")
-SELECTION_OUTCOMES = ("model", "no_model")
+SELECTION_OUTCOMES = ("model", "no_model", "held")
+CONTRADICTION_POLICIES = ("hold", "image", "header", "mark")
 REFUSAL_REASONS = ("disk", "not-authorized", "out-of-resources", "duplicate", "invalid", "model-refused", "failure")
 for _kind in KINDS:
     INSTANCES_RECEIVED.labels(_kind)
@@ -57,6 +61,8 @@ for _result in ASSOCIATION_RESULTS:
     ASSOCIATIONS.labels(_result)
 for _outcome in SELECTION_OUTCOMES:
     SELECTIONS.labels(_outcome)
+for _policy in CONTRADICTION_POLICIES:
+    CONTRADICTIONS.labels(_policy)
 for _reason in REFUSAL_REASONS:
     STORE_REFUSED.labels(_reason)
 

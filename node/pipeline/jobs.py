@@ -15,6 +15,9 @@ Late instances
 Job states
     ``pending`` -> ``selected`` -> ``running`` -> ``done`` -> ``exported``, or ``failed``.
     A job that no model fits ends ``done`` with outcome ``no-suitable-model`` and the reasons.
+    A job whose images contradict its header (``selection.on_contradiction = "hold"``) ends
+    ``held`` with outcome ``contradiction``: nothing ran, nothing is exported, and the job waits
+    for a person (``modelnode jobs retry ID --model X`` or ``--trust image|header``).
     A worker claims a job with a conditional UPDATE, so two workers never run the same job. At
     start-up, jobs left ``selected`` or ``running`` by a killed node go back to ``pending`` with
     their attempt counted: an interrupted job runs again, once, and a job that keeps killing the
@@ -36,9 +39,13 @@ from node.storage.db import BaseModel, database_proxy, statements, write_transac
 # Named as before node/ was split into stages, so that log filters and greps keep working.
 log = logging.getLogger("node.jobs")
 
-STATES = ("pending", "selected", "running", "done", "failed", "exported")
+STATES = ("pending", "selected", "running", "done", "failed", "exported", "held")
 OUTCOME_RESULT = "result"
 OUTCOME_NO_MODEL = "no-suitable-model"
+OUTCOME_CONTRADICTION = "contradiction"
+# JobRequest.origin of a person's decision on a held job: "review:model" (run the named model on
+# both readings), "review:image" or "review:header" (select on that reading).
+REVIEW = "review:"
 
 
 def _now() -> _dt.datetime:
@@ -260,18 +267,42 @@ def claim_next() -> Job | None:
 def transition(job_id: int, state: str, **fields: Any) -> None:
     if state not in STATES:
         raise ValueError(f"unknown job state {state!r}")
-    if state in ("done", "failed", "exported") and "finished_at" not in fields:
+    if state in ("done", "failed", "exported", "held") and "finished_at" not in fields:
         fields["finished_at"] = _now()
     Job.update(state=state, **fields).where(Job.id == job_id).execute()
 
 
-def retry(job_id: int) -> Job:
-    """Put a finished or failed job back in the queue (``modelnode jobs retry``)."""
+def retry(job_id: int, *, model: str = "", trust: str = "") -> Job:
+    """Put a finished, failed or held job back in the queue (``modelnode jobs retry``).
+
+    ``model`` (a name or UID) limits the selection to that model and lets it run even where
+    image and header disagree; ``trust`` ("image" or "header") selects on that reading. Either
+    is a person's decision on a held job, kept as the job's request (origin ``review:...``).
+    """
+    if trust not in ("", "image", "header"):
+        raise ValueError(f"trust must be 'image' or 'header', not {trust!r}")
+    if model and trust:
+        raise ValueError("name a model or a reading to trust, not both")
     job = Job.get_by_id(job_id)
     if job.state in ("selected", "running"):
         raise ValueError(f"job {job_id} is {job.state}; it cannot be retried while it runs")
-    Job.update(state="pending", attempts=0, error="", outcome="", finished_at=None).where(Job.id == job_id).execute()
+    with write_transaction():
+        if model or trust:
+            request = request_of(job_id)
+            origin = REVIEW + ("model" if model else trust)
+            if request is None:
+                JobRequest.create(job_id=job_id, origin=origin, model=model)
+            else:
+                JobRequest.update(origin=origin, model=model).where(JobRequest.job_id == job_id).execute()
+        Job.update(state="pending", attempts=0, error="", outcome="", finished_at=None).where(Job.id == job_id).execute()
     return Job.get_by_id(job_id)
+
+
+def decision_of(request: JobRequest | None) -> str:
+    """A person's decision on a contradiction carried by a job's request ("" when none)."""
+    if request is None or not request.origin.startswith(REVIEW):
+        return ""
+    return request.origin[len(REVIEW):]
 
 
 def counts_by_state() -> dict[str, int]:

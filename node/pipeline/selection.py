@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -47,6 +47,8 @@ VERSION_POINTS = 10.0
 UNVALIDATED_NEWER_POINTS = 5.0
 LATERALITY_POINTS = 3.0
 PIN_POINTS = 1000.0
+# AnatomyMatch.source of a reading from the images (models.image_check).
+IMAGE_SOURCE = "image check"
 
 # Free-text words for the findings models commonly target, in the five languages the anatomy
 # table covers, keyed by SNOMED CT concept. Coded requests need none of this.
@@ -60,6 +62,90 @@ FINDING_WORDS: dict[str, tuple[str, ...]] = {
     "50960005": ("hemorrhage", "haemorrhage", "blutung", "hemorragie", "emorragia", "hemorragia", "ich"),
     "108369006": ("tumor", "tumour", "neoplasm", "tumeur", "tumore"),
 }
+
+
+@dataclass(frozen=True)
+class ImageReading:
+    """What a body-part classifier read from the images of a series: every class's probability.
+
+    ``classes`` holds (class label, region, probability) for each class of the model whose type
+    the anatomy table knows, probabilities averaged over the series' images."""
+
+    classifier: str  # the model's name
+    classes: tuple[tuple[str, anatomy.Region, float], ...]
+
+    def best(self) -> tuple[str, anatomy.Region, float]:
+        return max(self.classes, key=lambda c: (c[2], c[1].code))
+
+    def probability_of(self, code: str, min_similarity: float) -> tuple[float, list[str]]:
+        """Probability the image gives region ``code``: the sum over the classes whose region is
+        ``code``, contains it or lies inside it (similarity >= ``min_similarity``), with their labels.
+        A KNEE header is read against the "limb" class (Extremity contains Knee)."""
+        p, labels = 0.0, []
+        for label, region, prob in self.classes:
+            if anatomy.similarity(code, region.code) >= min_similarity:
+                p += prob
+                labels.append(label)
+        return p, labels
+
+
+@dataclass(frozen=True)
+class Contradiction:
+    """The header names one region, the images another (see :func:`find_contradiction`)."""
+
+    header_region: str  # meaning, e.g. "Knee"
+    header_code: str
+    header_source: str  # e.g. "BodyPartExamined 'KNEE'"
+    header_confidence: float
+    classifier: str
+    header_probability: float  # what the image gives the header's region
+    header_classes: tuple[str, ...]  # the classifier's classes that count for it
+    image_region: str  # meaning of the image's most probable class
+    image_code: str
+    image_label: str
+    image_probability: float
+    policy: str = "hold"
+
+    def describe(self) -> str:
+        counted = "/".join(self.header_classes)
+        return (f"the header says {self.header_region} ({self.header_source}, confidence "
+                f"{self.header_confidence:.2f}) but the image check ({self.classifier}) gives it p="
+                f"{self.header_probability:.2f}" + (f" (class {counted})" if counted else "")
+                + f" and {self.image_region} p={self.image_probability:.2f} (class {self.image_label})")
+
+
+def find_contradiction(
+    header: Sequence[anatomy.AnatomyMatch],
+    readings: Sequence[ImageReading],
+    *,
+    below: float,
+    other: float,
+    min_similarity: float = 0.5,
+) -> Contradiction | None:
+    """The header's region against the images' probabilities for it.
+
+    The header's claim is its most trusted region (AnatomicRegionSequence, then
+    BodyPartExamined, then the descriptions). It is contradicted when a classifier that has a
+    class for it (the region, or one containing it or inside it) gives it less than ``below``
+    while another region reaches ``other``. A region the classifier has no class for (a spine)
+    cannot be contradicted; an empty header has nothing to contradict.
+    """
+    if not header or not readings:
+        return None
+    claim = max(header, key=lambda m: (m.confidence, m.region.code))
+    for reading in readings:
+        p, labels = reading.probability_of(claim.region.code, min_similarity)
+        if not labels:
+            continue
+        label, region, prob = reading.best()
+        if p < below and prob >= other and anatomy.similarity(claim.region.code, region.code) < min_similarity:
+            return Contradiction(
+                header_region=claim.region.meaning, header_code=claim.region.code,
+                header_source=f"{claim.source} {claim.text!r}", header_confidence=claim.confidence,
+                classifier=reading.classifier, header_probability=round(p, 3), header_classes=tuple(labels),
+                image_region=region.meaning, image_code=region.code, image_label=label,
+                image_probability=round(prob, 3))
+    return None
 
 
 @dataclass(frozen=True)
@@ -77,6 +163,10 @@ class SeriesFacts:
     volumetric: bool = False  # slices carry a consistent patient geometry
     laterality: str = ""
     called_ae: str = ""
+    contradiction: Contradiction | None = None
+    # What the selection does with a contradiction, decided by a person (``modelnode jobs
+    # retry --trust`` or ``--model``): "" follows the site's policy.
+    decided: str = ""
 
     @classmethod
     def from_datasets(
@@ -87,13 +177,23 @@ class SeriesFacts:
         called_ae: str = "",
         findings: Iterable[str] = (),
         image_anatomy: Iterable[anatomy.AnatomyMatch] = (),
+        image_readings: Sequence[ImageReading] = (),
+        settings: SelectionSection | None = None,
     ) -> SeriesFacts:
-        """Facts from the instances of a series. ``image_anatomy`` adds an image-based check."""
+        """Facts from the instances of a series. ``image_anatomy`` adds an image-based check;
+        ``image_readings`` (every class's probability) are checked against the header's region
+        with ``settings``' thresholds (:func:`find_contradiction`)."""
         if not datasets:
             raise ValueError("a series needs at least one instance")
         first = datasets[0]
         norm = normaliser or anatomy.default_normaliser()
-        matches = {m.region.code: m for m in norm.normalise_dataset(first)}
+        header = norm.normalise_dataset(first)
+        settings = settings or SelectionSection()
+        contradiction = find_contradiction(header, image_readings, below=settings.contradiction_below,
+                                           other=settings.contradiction_other, min_similarity=settings.min_anatomy)
+        if contradiction is not None:
+            contradiction = replace(contradiction, policy=settings.contradiction_policy(called_ae))
+        matches = {m.region.code: m for m in header}
         for m in image_anatomy:
             if m.region.code not in matches or matches[m.region.code].confidence < m.confidence:
                 matches[m.region.code] = m
@@ -127,10 +227,11 @@ class SeriesFacts:
             volumetric=volumetric,
             laterality=laterality if laterality in ("L", "R", "B") else "",
             called_ae=called_ae,
+            contradiction=contradiction,
         )
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "modality": self.modality,
             "anatomy": [f"{m.region.meaning} (SCT {m.region.code}) {m.confidence:.2f} from {m.source} {m.text!r}"
                         for m in self.anatomy],
@@ -141,6 +242,9 @@ class SeriesFacts:
             "laterality": self.laterality,
             "called_ae": self.called_ae,
         }
+        if self.contradiction is not None:
+            out["contradiction"] = {**asdict(self.contradiction), "text": self.contradiction.describe()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -176,23 +280,46 @@ class Selection:
     facts: SeriesFacts
     ranked: list[Candidate]
     rejected: list[Rejection]
+    # What the contradiction (if any) did: "held" (nothing runs), "trusted image", "trusted
+    # header", "marked" (runs, result marked unverified), "decided by a person" ("" without one).
+    contradiction_action: str = ""
+
+    @property
+    def held(self) -> bool:
+        return self.contradiction_action == "held"
+
+    @property
+    def unverified(self) -> str:
+        """The text a marked result carries ("" when the result is not to be marked)."""
+        c = self.facts.contradiction
+        if self.contradiction_action != "marked" or c is None:
+            return ""
+        return f"UNVERIFIED: image and header disagree: {c.describe()}"
 
     @property
     def best(self) -> Candidate | None:
-        return self.ranked[0] if self.ranked else None
+        """The model to run: none when nothing fits or a contradiction holds the series."""
+        return self.ranked[0] if self.ranked and not self.held else None
 
     @property
     def suitable(self) -> bool:
-        return bool(self.ranked)
+        return self.best is not None
 
     def explain(self) -> str:
         """The ranking as text a person reads in a log or a terminal."""
         lines = []
+        c = self.facts.contradiction
+        if c is not None:
+            lines.append(f"CONTRADICTION: {c.describe()}; policy {c.policy}: {self.contradiction_action}"
+                         + (" (nothing runs until a person decides: modelnode jobs retry ID --model X "
+                            "or --trust image|header)" if self.held else ""))
+            if self.held:
+                lines.append("would have ranked:" if self.ranked else "no model would have fitted")
         if self.ranked:
             for i, c in enumerate(self.ranked, 1):
                 lines.append(f"{i}. {c.name} {c.version} ({c.uid}) score {c.score:g}")
                 lines += [f"     {p.rule:<10} {p.points:+g}  {p.reason}" for p in c.components]
-        else:
+        elif c is None:
             lines.append("no suitable model")
         for r in self.rejected:
             lines.append(f"   rejected {r.name} {r.version} ({r.uid}): " + "; ".join(r.reasons))
@@ -201,6 +328,8 @@ class Selection:
     def to_dict(self) -> dict[str, Any]:
         return {
             "suitable": self.suitable,
+            "held": self.held,
+            "contradiction_action": self.contradiction_action,
             "facts": self.facts.summary(),
             "ranked": [asdict(c) for c in self.ranked],
             "rejected": [asdict(r) for r in self.rejected],
@@ -262,9 +391,17 @@ def select(
     *,
     normaliser: anatomy.AnatomyNormaliser | None = None,
 ) -> Selection:
-    """Rank ``models`` (pairs of model UID and card) for ``facts``. Pure and deterministic."""
+    """Rank ``models`` (pairs of model UID and card) for ``facts``. Pure and deterministic.
+
+    A contradiction between header and image (``facts.contradiction``) is handled by its policy:
+    ``hold`` ranks on both readings for the record but :attr:`Selection.best` is None;
+    ``image`` ranks on the image's reading and the header regions that agree with it;
+    ``header`` and ``mark`` rank on the header's readings alone (``mark`` then marks the
+    result); a person's decision (``facts.decided``) overrides the policy.
+    """
     settings = settings or SelectionSection()
     norm = normaliser or anatomy.default_normaliser()
+    facts, action = _apply_contradiction(facts, settings.min_anatomy)
     rules = [r for r in settings.rules if _rule_applies(r, facts)]
     routes = [r for r in rules if r.action == "route"]
     requested = bool(facts.requested_findings or facts.finding_text.strip())
@@ -336,7 +473,31 @@ def select(
     ranked.sort(key=lambda c: version_key(c.version), reverse=True)
     ranked.sort(key=lambda c: c.name)
     ranked.sort(key=lambda c: -c.score)
-    return Selection(facts, ranked, rejected)
+    return Selection(facts, ranked, rejected, action)
+
+
+def _is_image(m: anatomy.AnatomyMatch) -> bool:
+    return m.source.startswith(IMAGE_SOURCE)
+
+
+def _apply_contradiction(facts: SeriesFacts, min_similarity: float) -> tuple[SeriesFacts, str]:
+    """The facts the ranking uses under the contradiction's policy, and what was done."""
+    c = facts.contradiction
+    if c is None:
+        return facts, ""
+    how = facts.decided or c.policy
+    if how == "model":  # a person named the model: both readings count, nothing is held or marked
+        return facts, "decided by a person"
+    if how == "image":
+        keep = tuple(m for m in facts.anatomy
+                     if _is_image(m) or anatomy.similarity(m.region.code, c.image_code) >= min_similarity)
+        return replace(facts, anatomy=keep), "trusted image" + (" (decided by a person)" if facts.decided else "")
+    if how in ("header", "mark"):
+        keep = tuple(m for m in facts.anatomy if not _is_image(m))
+        if how == "mark":
+            return replace(facts, anatomy=keep), "marked"
+        return replace(facts, anatomy=keep), "trusted header" + (" (decided by a person)" if facts.decided else "")
+    return facts, "held"
 
 
 class SelectionIndex:

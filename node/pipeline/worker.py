@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pydicom
@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from iods import model_object
 from iods.anatomy import AnatomyNormaliser
 from iods.card import ModelCard
-from models.image_check import image_anatomy
+from models.image_check import as_anatomy, image_readings
 from node.context import NodeContext
 from node.dimse.status import is_stored as status_is_stored
 from node.ops import audit as audit_events
@@ -61,6 +61,10 @@ class SeriesResult:
     selection: Selection
     result_uids: list[str]
     timings: dict[str, float]
+
+    @property
+    def held(self) -> bool:
+        return self.selection.held
 
 
 class Pipeline:
@@ -201,10 +205,12 @@ class Pipeline:
             series_rows = self._series_of(job.group_by, job.group_key)
             # A job someone asked for (a UPS workitem) may name its model and its destinations.
             request = jobs.request_of(job.id)
+            decided = jobs.decision_of(request)
             results: list[SeriesResult] = []
             for series in series_rows:
-                results.append(self._run_series(job, series, request.model if request is not None else ""))
+                results.append(self._run_series(job, series, request.model if request is not None else "", decided))
             made = [uid for r in results for uid in r.result_uids]
+            held = [r for r in results if r.held]
             timings: dict[str, float] = {}
             for r in results:
                 for k, v in r.timings.items():
@@ -215,6 +221,17 @@ class Pipeline:
                     (job.started_at - job.last_instance_at).total_seconds(), 4) if job.started_at else 0.0
             outcome = jobs.OUTCOME_RESULT if made else jobs.OUTCOME_NO_MODEL
             selection = [{"series_uid": r.series_uid, **r.selection.to_dict()} for r in results]
+            if held:
+                # Held for a person: nothing of this job is exported, not even the results of
+                # its other series (a study job), until someone decides (jobs retry).
+                why = "; ".join(f"series {jobs.short_uid(r.series_uid)}: {r.selection.facts.contradiction.describe()}"
+                                for r in held if r.selection.facts.contradiction is not None)
+                with self.ctx.write_lock:
+                    jobs.transition(job.id, "held", outcome=jobs.OUTCOME_CONTRADICTION, results=json.dumps(made),
+                                    selection=json.dumps(selection), timings=json.dumps(timings),
+                                    error=f"held for review: {why}")
+                log.warning("job %d: held for review, image and header disagree: %s", job.id, why)
+                return
             with self.ctx.write_lock:
                 jobs.transition(job.id, "done", outcome=outcome, results=json.dumps(made),
                                 selection=json.dumps(selection), timings=json.dumps(timings))
@@ -256,43 +273,62 @@ class Pipeline:
         datasets = [get(r.digest) or pydicom.dcmread(store.path(r.digest)) for r in rows]
         return datasets, tuple(sorted(r.digest for r in rows))
 
-    def _select(self, datasets: list[Dataset], called_ae: str, model: str = "") -> Selection:
-        models = self._models()
+    def _select(self, datasets: list[Dataset], called_ae: str, model: str = "", decided: str = "") -> Selection:
+        """``decided``: a person's decision on a contradiction (see :func:`jobs.decision_of`)."""
+        every = self._models()
+        models = every
         if model:
             # The requester named the model (name or UID): the others are not candidates. It is
             # still checked against the series like any other, and rejected with its reasons.
             models = [(uid, card) for uid, card in models if model in (uid, card.identity.name)]
-        seen = image_anatomy(datasets, models, self._session, self.normaliser)
+        # The image check reads with every registered classifier, also when a model was named:
+        # the contradiction is a fact about the series, whichever model runs.
+        readings = image_readings(datasets, every, self._session, self.normaliser)
         facts = SeriesFacts.from_datasets(datasets, normaliser=self.normaliser, called_ae=called_ae,
-                                          image_anatomy=seen)
+                                          image_anatomy=as_anatomy(readings), image_readings=readings,
+                                          settings=self.ctx.config.selection)
+        if decided and facts.contradiction is not None:
+            facts = replace(facts, decided=decided)
         return select(facts, models, self.ctx.config.selection, normaliser=self.normaliser)
 
     def _models(self) -> list[tuple[str, ModelCard]]:
         return [(r.uid, r.card) for r in self.ctx.app.registry.all_with_terms()]
 
-    def _run_series(self, job: jobs.Job, series: index.Series, model: str = "") -> SeriesResult:
+    def _run_series(self, job: jobs.Job, series: index.Series, model: str = "", decided: str = "") -> SeriesResult:
         timings: dict[str, float] = {}
         t = time.perf_counter()
         datasets, digests = self._load_series(series)
         timings["load"] = time.perf_counter() - t
         t = time.perf_counter()
-        sel = self._select(datasets, job.called_ae, model)
+        sel = self._select(datasets, job.called_ae, model, decided)
         timings["select"] = time.perf_counter() - t
-        metrics.SELECTIONS.labels("model" if sel.best else "no_model").inc()
+        outcome = "held" if sel.held else ("model" if sel.best else "no_model")
+        metrics.SELECTIONS.labels(outcome).inc()
         self.audit.record(audit_events.SELECTION, job=job.id, series_uid=series.series_uid,
-                          model_uid=sel.best.uid if sel.best else "", outcome="model" if sel.best else "no-suitable-model")
+                          model_uid=sel.best.uid if sel.best else "",
+                          outcome={"model": "model", "no_model": "no-suitable-model", "held": "held"}[outcome])
+        c = sel.facts.contradiction
+        if c is not None:
+            metrics.CONTRADICTIONS.labels(c.policy).inc()
+            self.audit.record(audit_events.CONTRADICTION, job=job.id, series_uid=series.series_uid,
+                              outcome=sel.contradiction_action, policy=c.policy, text=c.describe(),
+                              header_region=c.header_region, header_probability=c.header_probability,
+                              image_region=c.image_region, image_probability=c.image_probability,
+                              classifier=c.classifier, model_uid=sel.best.uid if sel.best else "")
         log.info("job %d: selection for series %s (%s, %d instance(s))%s:\n%s", job.id,
                  jobs.short_uid(series.series_uid), series.modality, len(datasets),
                  f", limited to the requested model {model}" if model else "", sel.explain())
         if sel.best is None:
             return SeriesResult(series.series_uid, sel, [], timings)
         record = self.ctx.app.registry.get(sel.best.uid)
+        ahead_ok = not sel.unverified and not decided  # a head start ran under the site's policy only
         with self.ctx.write_lock:
             jobs.transition(job.id, "selected", model_uid=record.uid, model_name=record.name,
                             selection=json.dumps([{"series_uid": series.series_uid, **sel.to_dict()}]))
             jobs.transition(job.id, "running")
         t = time.perf_counter()
-        ahead = self.head_start.take(series.series_uid, digests, record.uid) if self.head_start is not None else None
+        ahead = (self.head_start.take(series.series_uid, digests, record.uid)
+                 if self.head_start is not None and ahead_ok else None)
         if ahead is not None:
             # Same model, same files: the result computed during the quiet time (node.pipeline.headstart).
             result_ds = ahead.result
@@ -305,6 +341,10 @@ class Pipeline:
             result_ds, more = self._infer(record, datasets, job.called_ae)
             timings.update(more)
         metrics.INFERENCE_SECONDS.observe(timings["inference_total"])
+        if sel.unverified:
+            from iods.results import mark_unverified
+
+            mark_unverified(result_ds, sel.unverified)
         t = time.perf_counter()
         uid = self._store_result(result_ds)
         timings["store_result"] = time.perf_counter() - t
