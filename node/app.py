@@ -12,6 +12,7 @@ import peewee
 
 from node.config import Config
 from node.pipeline import jobs, outbox
+from node.review import verdicts
 from node.storage import index, registry
 from node.storage.db import open_database
 from node.storage.objects import ObjectStore
@@ -21,8 +22,8 @@ from node.ups import store as ups_store
 
 def tables() -> list[type[peewee.Model]]:
     """Every table of the node: the index, the model registry, the jobs, the outbox and the UPS
-    workitems and subscriptions."""
-    modules = (index, registry, jobs, outbox, ups_store)
+    workitems and subscriptions, the verdicts on results."""
+    modules = (index, registry, jobs, outbox, ups_store, verdicts)
     return [obj for module in modules for obj in vars(module).values()
             if isinstance(obj, type) and issubclass(obj, peewee.Model) and obj.__module__ == module.__name__
             and not getattr(obj._meta, "abstract", False)]

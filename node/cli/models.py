@@ -180,6 +180,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         summary["file"] = str(app.registry.path(record))
         children = [r.uid for r in app.registry.list() if r.parent_uid == record.uid]
         summary["children"] = children
+        from node.review.verdicts import model_counts
+
+        summary["verdicts"] = model_counts(record.uid)
     finally:
         app.close()
     if args.json:
@@ -190,6 +193,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     for key, value in summary.items():
         if isinstance(value, list):
             value = ", ".join(value) or "-"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items() if v is not None) or "-"
         print(f"{key:>15}: {value if value != '' else '-'}")
     print(f"{'card':>15}:")
     print(_indent(json.dumps(card, indent=2)))

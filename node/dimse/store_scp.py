@@ -55,6 +55,7 @@ from node.dimse.status import (
     SUCCESS,
 )
 from node.pipeline.arrivals import NOT_IMAGES, note_arrival
+from node.review import intake as review_intake
 from node.storage import durable as durable_store
 from node.storage import index
 from node.storage.db import database_proxy, write_transaction
@@ -285,6 +286,10 @@ def _index(ctx: NodeContext, ds: Dataset, durable: Durable, transfer_syntax: str
                 # Same transaction as the index row: an acknowledged instance always counts
                 # towards its series' completion, even across a crash.
                 note_arrival(ctx, ds, assoc, calling)
+            elif (verdict := review_intake.kind_of(ds)) is not None:
+                # A correction or an accept/reject of an AI result: stored as received, then
+                # linked to the result and the model after the commit (node.review.intake).
+                review_intake.note(ctx, ds, verdict, durable.digest, calling)
         # The file's fsync ran under the statements above; the rename waits for it, and the
         # directory fsync it starts runs under the commit.
         stored = durable.place()

@@ -1,0 +1,82 @@
+"""The verdicts table: one row per correction, acceptance or rejection of an AI result.
+
+A row is written in the C-STORE's own transaction (state ``received``) and completed by
+:mod:`node.review.intake` once the object is linked to the result and model it judges, or
+refused with the reason. ``modelnode review`` writes accepted/rejected rows directly.
+Rows are never deleted with the clinical data they point at, and never replace it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from typing import Any
+
+import peewee
+
+from node.storage.db import BaseModel
+
+KINDS = ("correction", "accept", "reject")
+# received: stored, not yet linked; linked: judged result and model known (trainable for a
+# correction or an acceptance); refused: the reason says why (geometry, empty, segment types);
+# unknown-source: the source series was never seen by this node (kept, flagged, never trained on);
+# unlinked: no AI result of this node for that series.
+STATES = ("received", "linked", "refused", "unknown-source", "unlinked")
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now()
+
+
+class Verdict(BaseModel):
+    sop_uid = peewee.CharField(max_length=64, unique=True)  # the SEG/KO that carried it; "" + id for the CLI
+    kind = peewee.CharField(max_length=12, index=True)
+    state = peewee.CharField(max_length=16, default="received", index=True)
+    reason = peewee.TextField(default="")
+    source_series_uid = peewee.CharField(max_length=64, default="", index=True)
+    result_uid = peewee.CharField(max_length=64, default="", index=True)  # the AI result judged
+    model_uid = peewee.CharField(max_length=64, default="", index=True)
+    job_id = peewee.IntegerField(null=True)
+    dice = peewee.TextField(default="{}")  # class name -> Dice of the AI result against the correction
+    digest = peewee.CharField(max_length=64, default="")  # the stored object carrying the verdict
+    calling_ae = peewee.CharField(max_length=16, default="")
+    reviewer = peewee.CharField(max_length=64, default="")
+    received_at = peewee.DateTimeField(default=_now, index=True)
+
+    @property
+    def trainable(self) -> bool:
+        return self.state == "linked" and self.kind in ("correction", "accept")
+
+    def summary(self) -> dict[str, Any]:
+        return {"sop_uid": self.sop_uid, "kind": self.kind, "state": self.state, "reason": self.reason,
+                "source_series_uid": self.source_series_uid, "result_uid": self.result_uid,
+                "model_uid": self.model_uid, "job_id": self.job_id, "dice": json.loads(self.dice or "{}"),
+                "trainable": self.trainable, "calling_ae": self.calling_ae, "reviewer": self.reviewer,
+                "received_at": str(self.received_at)}
+
+
+def model_counts(model_uid: str) -> dict[str, Any]:
+    """What ``models show`` and the metrics report for one model."""
+    rows = list(Verdict.select().where(Verdict.model_uid == model_uid))
+    return counts_of(rows)
+
+
+def counts_of(rows: list[Verdict]) -> dict[str, Any]:
+    linked = [r for r in rows if r.state == "linked"]
+    n = {k: sum(1 for r in linked if r.kind == k) for k in KINDS}
+    judged = sum(n.values())
+    dices = [d for r in linked if r.kind == "correction" for d in json.loads(r.dice or "{}").values()]
+    return {
+        "accepted": n["accept"], "rejected": n["reject"], "corrected": n["correction"],
+        "refused": sum(1 for r in rows if r.state != "linked"),
+        # A correction counts against acceptance: the radiologist did not take the result as it was.
+        "acceptance_rate": round(n["accept"] / judged, 4) if judged else None,
+        "dice_ai_vs_correction": round(sum(dices) / len(dices), 4) if dices else None,
+    }
+
+
+def all_model_counts() -> dict[str, dict[str, Any]]:
+    rows: dict[str, list[Verdict]] = {}
+    for r in Verdict.select().where(Verdict.model_uid != ""):
+        rows.setdefault(r.model_uid, []).append(r)
+    return {uid: counts_of(rs) for uid, rs in rows.items()}
