@@ -14,7 +14,9 @@ not fit is not returned. The identifier says what to rank for, in either of two 
 Return keys are filled from each model's series (Modality, BodyPartExamined, SeriesDescription,
 SeriesInstanceUID, SoftwareVersions, ...), so the answer can be fed straight to a C-MOVE or
 C-GET. Two keys have a special meaning in the answers: SeriesNumber is the rank (1 = best) and
-ImageComments carries the score and its reasons. Example::
+ImageComments carries the score and its reasons, preceded by ``CONTRADICTION in series ...``
+when the pipeline found that series' images contradicting its header (held, or handled as
+``selection.on_contradiction`` says; docs/selection.md). Example::
 
     findscu -S -aec MODELNODE_SELECT HOST 11112 -k QueryRetrieveLevel=SERIES \\
         -k Modality=CT -k BodyPartExamined="THORAX" -k StudyDescription="CT Thorax nativ" \\
@@ -23,6 +25,7 @@ ImageComments carries the score and its reasons. Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator, Mapping
@@ -184,6 +187,9 @@ def handle_selection_find(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset,
              "modality or unrelated anatomy)\n%s", peer, source, len(ranked), considered, len(catalogue),
              "\n".join(s.explain() for s in selections))
 
+    # What the pipeline found for these series: a contradiction between image and header goes
+    # into every answer's ImageComments (the C-FIND itself reads headers only).
+    note = _contradictions(stored)
     series_of = {e.uid: e.series_uid for e in catalogue}
     rows = series_matches([series_of[c.uid] for c in ranked])
     answers: list[Match] = []
@@ -193,13 +199,36 @@ def handle_selection_find(event: Any, ctx: Any) -> Iterator[tuple[int | Dataset,
             continue  # (removed meanwhile)
         reasons = "; ".join(f"{p.rule} {p.points:+g}" for p in cand.components)
         match.computed["_rank"] = str(rank)
-        match.computed["_comments"] = f"rank {rank}, score {cand.score:g}: {reasons}"[:10240]
+        match.computed["_comments"] = (note + f"rank {rank}, score {cand.score:g}: {reasons}")[:10240]
         answers.append(match)
     if answers:
         compute(answers, "SERIES", query.computed_needed, bool(query.coded))
     overrides = {"SeriesNumber": _rank_of, "ImageComments": _comments_of}
     yield from stream_responses(event, query, answers, ctx.config.node.ae_title, "selection C-FIND", peer,
                                 overrides)
+
+
+def _contradictions(stored: list[index.Series]) -> str:
+    """``"CONTRADICTION ...; "`` for each stored series whose latest job found its images
+    contradicting its header (node.pipeline.selection.Contradiction), else ""."""
+    from node.pipeline import jobs
+
+    notes = []
+    for series in stored:
+        keys = [series.series_uid, series.study.study_uid]
+        job = jobs.Job.select().where(jobs.Job.group_key.in_(keys)).order_by(jobs.Job.id.desc()).first()
+        if job is None or not job.selection:
+            continue
+        try:
+            entries = json.loads(job.selection)
+        except ValueError:
+            continue
+        for entry in entries:
+            c = entry.get("facts", {}).get("contradiction") if isinstance(entry, dict) else None
+            if c and entry.get("series_uid") == series.series_uid:
+                state = "HELD for review" if job.state == "held" else entry.get("contradiction_action", c["policy"])
+                notes.append(f"CONTRADICTION in series {series.series_uid} ({state}, job {job.id}): {c['text']}; ")
+    return "".join(notes)
 
 
 def _rank_of(match: Match) -> str:
