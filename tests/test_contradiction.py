@@ -165,3 +165,22 @@ def test_marked_sr_says_unverified_where_the_radiologist_reads(library, tmp_path
     sr.save_as(path, enforce_file_format=True)
     again = hd.sr.srread(path)
     assert again.SeriesDescription.startswith("UNVERIFIED")
+
+
+@pytest.mark.timeout(30)
+def test_temperature_scaling_functions():
+    import numpy as np
+
+    from models.training.calibrate import ece, fit_temperature, hold_rates, nll, temper
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, (2000, 5))
+    true = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(5, p=row) for row in true])  # calibrated at T = 1 by construction
+    sharp = np.exp(3 * logits) / np.exp(3 * logits).sum(1, keepdims=True)  # overconfident by 3x
+    t = fit_temperature(sharp, labels)
+    assert 2.4 < t < 3.6
+    assert nll(temper(sharp, t), labels) < nll(sharp, labels) and ece(temper(sharp, t), labels) < ece(sharp, labels)
+    assert np.allclose(temper(sharp, 1.0), sharp, atol=1e-6)
+    assert hold_rates(np.eye(5)[labels] * 0.9 + 0.02, labels) == {"right_label_held": 0.0, "wrong_label_caught": 1.0,
+                                                                   "below": 0.15, "other": 0.5}
