@@ -165,6 +165,12 @@ def test_marked_sr_says_unverified_where_the_radiologist_reads(library, tmp_path
     sr.save_as(path, enforce_file_format=True)
     again = hd.sr.srread(path)
     assert again.SeriesDescription.startswith("UNVERIFIED")
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy"):
+        res = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        assert [ln for ln in (res.stdout + res.stderr).splitlines() if "Error" in ln] == []
 
 
 @pytest.mark.timeout(30)
