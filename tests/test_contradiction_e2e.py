@@ -161,3 +161,44 @@ def test_relabelled_radiographs_are_held_and_the_others_run(tmp_path):
             assert again["model_name"] in (CHEST_MODEL, BODYPART)
             assert again["selection"][0]["contradiction_action"] == "trusted image (decided by a person)"
             assert uid["rg1_knee"] in _orthanc_series_of_results(pacs)
+
+
+@pytest.mark.timeout(300)
+def test_mark_policy_per_called_ae_exports_results_marked_unverified(tmp_path):
+    """``on_contradiction_by_called_ae = {AI_MARK = "mark"}``: studies sent to AI_MARK run on the
+    header's reading, and the SEG or SR says UNVERIFIED where a radiologist reads it."""
+    require("storescu")
+    knee_label, knee_uid = _copy("RG1", tmp_path / "in" / "rg1_knee.dcm", "KNEE")
+    chest_label, chest_uid = _copy("RG3", tmp_path / "in" / "rg3_chest.dcm", "CHEST")
+    with orthanc(tmp_path / "orthanc") as pacs:
+        peers = [{"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port}]
+        extra = {"pipeline": {"quiet_seconds": 1.0, "poll_seconds": 0.1},
+                 "export": {"routes": [{"destinations": [pacs.aet]}], "poll_seconds": 0.1},
+                 "inference": {"intra_op_threads": 2},
+                 # The reference classifier still reads the images; only the site models run here.
+                 "selection": {"on_contradiction_by_called_ae": {"AI_MARK": "mark"},
+                               "rules": [{"action": "exclude", "called_ae": "AI_MARK", "models": [BODYPART]}]}}
+        with node_process(tmp_path / "node", peers=peers, extra=extra) as node:
+            for path in [*REFERENCE, *write_region_models(tmp_path / "site")]:
+                assert node.cli("models", "add", str(path)).returncode == 0
+            run(["storescu", "-aec", "AI_MARK", "127.0.0.1", str(node.port), str(knee_label), str(chest_label)],
+                timeout=120)
+            jobs = _wait(lambda: (j := _jobs(node)) and len(j) == 2 and all(x["state"] == "exported" for x in j.values())
+                         and j, "two exported jobs", node)
+            assert jobs[knee_uid]["model_name"] == KNEE_MODEL and jobs[chest_uid]["model_name"] == CHEST_MODEL
+            for job in jobs.values():
+                assert job["selection"][0]["contradiction_action"] == "marked"
+            results = {}
+            for oid in pacs.instances():
+                ds = pydicom.dcmread(__import__("io").BytesIO(pacs.file_of(oid)))
+                results[str(ds.Modality)] = ds
+            assert set(results) == {"SEG", "SR"}
+            seg, sr = results["SEG"], results["SR"]
+            assert seg.SeriesDescription.startswith("UNVERIFIED") and sr.SeriesDescription.startswith("UNVERIFIED")
+            assert seg.ContentDescription.startswith("UNVERIFIED")
+            comments = [i.TextValue for i in sr.ContentSequence if i.ValueType == "TEXT"]
+            assert any("the header says Knee" in c and "Chest p=" in c for c in comments), comments
+            audit = [json.loads(line) for line in (node.data_dir / "audit.jsonl").read_text().splitlines()]
+            marked = [a for a in audit if a["event"] == "selection-contradiction"]
+            assert {(a["series_uid"], a["outcome"], a["policy"]) for a in marked} == {
+                (knee_uid, "marked", "mark"), (chest_uid, "marked", "mark")}
