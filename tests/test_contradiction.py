@@ -190,3 +190,30 @@ def test_temperature_scaling_functions():
     assert np.allclose(temper(sharp, 1.0), sharp, atol=1e-6)
     assert hold_rates(np.eye(5)[labels] * 0.9 + 0.02, labels) == {"right_label_held": 0.0, "wrong_label_caught": 1.0,
                                                                    "below": 0.15, "other": 0.5}
+
+
+@pytest.mark.timeout(30)
+def test_held_job_and_a_persons_decision_in_the_queue(app):
+    from node.pipeline import jobs
+
+    jobs.note_arrival("1.2.3", group_by="series", study_uid="1.2", called_ae="MODELNODE", calling_ae="CR1",
+                      new_association=True)
+    jobs.association_ended({"1.2.3"})
+    import datetime as dt
+
+    [job] = jobs.promote_ready(0, now=dt.datetime.now() + dt.timedelta(seconds=1))
+    assert jobs.claim_next().id == job.id
+    jobs.transition(job.id, "held", outcome=jobs.OUTCOME_CONTRADICTION, error="held for review: ...")
+    held = jobs.Job.get_by_id(job.id)
+    assert held.state == "held" and held.finished_at is not None and jobs.counts_by_state()["held"] == 1
+    assert jobs.claim_next() is None  # a held job waits for a person
+    assert jobs.decision_of(jobs.request_of(job.id)) == ""
+    jobs.retry(job.id, trust="image")
+    assert jobs.Job.get_by_id(job.id).state == "pending" and jobs.decision_of(jobs.request_of(job.id)) == "image"
+    jobs.retry(job.id, model="site-cr-chest-seg")
+    request = jobs.request_of(job.id)
+    assert jobs.decision_of(request) == "model" and request.model == "site-cr-chest-seg"
+    with pytest.raises(ValueError):
+        jobs.retry(job.id, model="x", trust="image")
+    with pytest.raises(ValueError):
+        jobs.retry(job.id, trust="both")
