@@ -167,6 +167,9 @@ class Provenance:
     parent_uid: str = ""
     training_command: str = ""
     seed: int | None = None
+    # The trainable network the graph was exported from, for fine-tuning (docs/finetune.md),
+    # e.g. "unet2d:12,24,48,96"; None when none is named (left out of the JSON).
+    architecture: str | None = None
 
 
 @dataclass(frozen=True)
@@ -549,6 +552,7 @@ def _provenance(r: _Reader | None) -> Provenance:
         parent_uid=_uid(r, "parent_uid", ""),
         training_command=r.text("training_command", ""),
         seed=seed,
+        architecture=r.text("architecture", "") or None,
     )
     r.finish()
     return out

@@ -130,9 +130,29 @@ def test_no_state_stuck_onto_library_objects() -> None:
     assert offenders == []
 
 
+# Commands that run training in their own process and import it inside the command's function
+# (docs/finetune.md); a module-level import there still fails.
+LAZY_TRAINING_IMPORTS = {"node.cli.learning"}
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    out = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return out
+
+
 @pytest.mark.timeout(30)
 def test_the_node_never_imports_the_training_code() -> None:
     graph = _graph()
     runtime = [m for m in graph if not m.startswith("models.training")]
-    offenders = [f"{m} imports {d}" for m in runtime for d in graph[m] if d.startswith("models.training")]
+    offenders = [f"{m} imports {d}" for m in runtime for d in graph[m] if d.startswith("models.training")
+                 and m not in LAZY_TRAINING_IMPORTS]
+    modules = _modules()
+    offenders += [f"{m} imports {d} at module level" for m in LAZY_TRAINING_IMPORTS
+                  for d in _module_level_imports(modules[m]) if d.startswith("models.training")]
     assert offenders == []

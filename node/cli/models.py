@@ -286,3 +286,7 @@ def register(sub: Any) -> None:
 
     sp = add("remove", cmd_remove, "remove a model from the registry", "Remove a model and its file by UID.")
     sp.add_argument("uid", metavar="UID")
+
+    from node.cli import learning
+
+    learning.register(msub)
