@@ -210,6 +210,13 @@ class Performer:
             return
         if any(j.state in UNFINISHED_JOBS for j in rows):
             return
+        held = [j for j in rows if j.state == "held"]
+        if held:
+            # The images contradict their header (docs/selection.md, section 4): nothing ran and
+            # nothing is sent; the requester reads why, both readings with their figures.
+            self.service.finish(item, reason="; ".join(f"job {j.id} {j.error}" for j in held),
+                                code=workitem.REASON_NOT_SUPPORTED)
+            return
         failed = [j for j in rows if j.state == "failed"]
         if failed:
             self.service.finish(item, reason="; ".join(f"job {j.id} failed: {j.error}" for j in failed),
