@@ -99,3 +99,32 @@ def test_finetune_on_corrections_from_a_shifted_domain_then_approve(tmp_path):
         _series(node, tmp_path, 7311)
         newest = max(wait_jobs(node, len(SEEDS) + 2), key=lambda j: j["id"])
         assert newest["model_uid"] == report["uid"], newest
+
+
+@pytest.mark.timeout(60)
+def test_a_model_whose_architecture_is_not_named_is_refused_with_the_reason():
+    from iods import model_object
+    from models.training.finetune import FinetuneRefused, architecture_of, network_from_onnx
+
+    _, body = model_object.decode(pydicom.dcmread(ROOT / "models" / "reference" / "bodypart_cnn.dcm"))
+    with pytest.raises(FinetuneRefused, match="names no trainable architecture"):
+        architecture_of(body)
+    onnx_bytes, lung = model_object.decode(pydicom.dcmread(LUNG))
+    net = network_from_onnx(lung, onnx_bytes)  # the shipped graph loads exactly (checked inside)
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+
+@pytest.mark.timeout(60)
+def test_a_domain_changes_only_the_pixels_of_the_series_it_shifts(tmp_path):
+    from models.training.phantoms import write_ct_series
+
+    plain = write_ct_series(tmp_path / "plain", 7401, slices=3)
+    shifted = write_ct_series_domain(tmp_path / "shifted", 7401, DOMAIN, slices=3)
+    again = write_ct_series_domain(tmp_path / "again", 7401, DOMAIN, slices=3)
+    assert [p.read_bytes() for p in shifted] == [p.read_bytes() for p in again]
+    for a, b in zip(plain, shifted, strict=True):
+        da, db = pydicom.dcmread(a), pydicom.dcmread(b)
+        assert (da.SOPInstanceUID, da.ImagePositionPatient) == (db.SOPInstanceUID, db.ImagePositionPatient)
+        assert da.PixelData != db.PixelData
+    # The generator itself is untouched: a second plain write is byte-identical.
+    assert [p.read_bytes() for p in plain] == [p.read_bytes() for p in write_ct_series(tmp_path / "p2", 7401, slices=3)]
