@@ -132,7 +132,7 @@ def test_no_state_stuck_onto_library_objects() -> None:
 
 # Commands that run training in their own process and import it inside the command's function
 # (docs/finetune.md); a module-level import there still fails.
-LAZY_TRAINING_IMPORTS = {"node.cli.learning"}
+LAZY_TRAINING_IMPORTS = {"node.cli.learning", "node.cli.federate"}
 
 
 def _module_level_imports(path: Path) -> set[str]:

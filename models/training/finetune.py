@@ -245,3 +245,19 @@ def regressed(before: dict[str, float], after: dict[str, float], *, mean_toleran
     reasons += [f"{k} {v:.4f} -> {after.get(k, 0.0):.4f}" for k, v in before.items()
                 if after.get(k, 0.0) < v - class_tolerance]
     return reasons
+
+
+def weights_of(net: nn.Module) -> list[np.ndarray]:
+    """The network's weights and biases in forward order (the graph's initialiser order)."""
+    inner = net.net if isinstance(net, WithActivation) else net
+    return [p.detach().numpy().copy() for layer in _forward_layers(inner) for p in (layer.weight, layer.bias)]
+
+
+def set_weights(net: nn.Module, arrays: Sequence[np.ndarray]) -> None:
+    inner = net.net if isinstance(net, WithActivation) else net
+    params = [p for layer in _forward_layers(inner) for p in (layer.weight, layer.bias)]
+    if len(params) != len(arrays) or any(tuple(a.shape) != tuple(p.shape) for a, p in zip(arrays, params, strict=True)):
+        raise FinetuneRefused("the weights received do not fit the network")
+    with torch.no_grad():
+        for p, a in zip(params, arrays, strict=True):
+            p.copy_(torch.from_numpy(np.array(a, dtype=np.float32, copy=True)))

@@ -16,7 +16,7 @@ from node.cli.common import EXIT_CODES_HELP, CliError
 
 # Modules that add subcommands: each has ``register(subparsers)``.
 COMMANDS = ("node.cli.models", "node.cli.serve", "node.cli.scu", "node.cli.select", "node.cli.jobs", "node.cli.tasks",
-            "node.cli.admin", "node.cli.review")
+            "node.cli.admin", "node.cli.review", "node.cli.federate")
 
 
 def build_parser() -> argparse.ArgumentParser:

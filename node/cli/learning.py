@@ -23,7 +23,7 @@ from node.cli.common import EXIT_INVALID, EXIT_NOT_FOUND, CliError, config_from_
 EXIT_REFUSED = EXIT_INVALID  # cannot be fine-tuned, too few cases, or the new version regressed
 
 
-def _find(app: Any, name_or_uid: str) -> Any:
+def find_model(app: Any, name_or_uid: str) -> Any:
     from node.pipeline.selection import version_key
     from node.storage.registry import Filters
 
@@ -54,7 +54,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     app = open_app(config)
     try:
-        parent = _find(app, args.model)
+        parent = find_model(app, args.model)
         onnx_bytes, card = model_object.decode(pydicom.dcmread(app.registry.path(parent)))
         try:
             arch = ft.architecture_of(card)
