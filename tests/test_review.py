@@ -117,6 +117,18 @@ def test_corrections_and_verdicts_are_linked_counted_and_refused_with_reasons(tm
         audit = [json.loads(line) for line in (node.data_dir / "audit.jsonl").read_text().splitlines()]
         assert sum(1 for a in audit if a["event"] == "verdict") == 5
 
+        # A verdict stored but not linked when the node stopped is linked at the next start.
+        node.stop()
+        import sqlite3
+
+        con = sqlite3.connect(node.data_dir / "modelnode.db")
+        con.execute("UPDATE verdict SET state = 'received', dice = '{}' WHERE sop_uid = ?", (good.SOPInstanceUID,))
+        con.commit()
+        con.close()
+        node.restart()
+        v = _verdict(node, good.SOPInstanceUID)
+        assert v["state"] == "linked" and v["dice"]["lung"] >= 0.9, v
+
         # Nothing replaced: the source series and the AI result are as they were.
         assert len(query(node, "SELECT i.id FROM instance i JOIN series s ON i.series_id = s.id "
                                "WHERE s.series_uid = ?", str(sources[0].SeriesInstanceUID))) == SLICES

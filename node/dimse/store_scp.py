@@ -92,6 +92,7 @@ def prepare(ctx: NodeContext) -> None:
     ReceiveFile.writeback = store.fsync
     receive.route_receive_files(ReceiveFile, create_file_meta, write_file_meta_info)
     store.clean_partial()
+    review_intake.resume(ctx)  # verdicts stored before a crash but not yet linked
 
 
 # --------------------------------------------------------------------------- the handler

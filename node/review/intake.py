@@ -54,6 +54,16 @@ def note(ctx: Any, ds: Dataset, kind: str, digest: str, calling: str) -> None:
     _worker.submit(_process_after_commit, ctx, sop_uid)
 
 
+def resume(ctx: Any) -> int:
+    """At start: process the verdicts a stop or crash left ``received``; returns how many."""
+    pending = [v.sop_uid for v in Verdict.select(Verdict.sop_uid).where(Verdict.state == "received")]
+    for sop_uid in pending:
+        _worker.submit(_process_after_commit, ctx, sop_uid)
+    if pending:
+        log.info("%d verdict(s) received before the last stop are being linked now", len(pending))
+    return len(pending)
+
+
 def _process_after_commit(ctx: Any, sop_uid: str) -> None:
     with ctx.write_lock:  # held by the C-STORE until its commit
         pass
