@@ -920,3 +920,33 @@ def _merge(found: Iterable[AnatomyMatch], ds_lat: str, paired: set[str]) -> list
 def default_normaliser() -> AnatomyNormaliser:
     """The normaliser with the shipped table only (shared, cached)."""
     return AnatomyNormaliser()
+
+
+# AnatomyMatch.source of a reading from the images (models.image_check). Here, with the reading
+# itself, so that models/ and node/ share them without models importing the node.
+IMAGE_SOURCE = "image check"
+
+
+@dataclass(frozen=True)
+class ImageReading:
+    """What a body-part classifier read from the images of a series: every class's probability.
+
+    ``classes`` holds (class label, region, probability) for each class of the model whose type
+    the anatomy table knows, probabilities averaged over the series' images."""
+
+    classifier: str  # the model's name
+    classes: tuple[tuple[str, Region, float], ...]
+
+    def best(self) -> tuple[str, Region, float]:
+        return max(self.classes, key=lambda c: (c[2], c[1].code))
+
+    def probability_of(self, code: str, min_similarity: float) -> tuple[float, list[str]]:
+        """Probability the image gives region ``code``: the sum over the classes whose region is
+        ``code``, contains it or lies inside it (similarity >= ``min_similarity``), with their labels.
+        A KNEE header is read against the "limb" class (Extremity contains Knee)."""
+        p, labels = 0.0, []
+        for label, region, prob in self.classes:
+            if similarity(code, region.code) >= min_similarity:
+                p += prob
+                labels.append(label)
+        return p, labels

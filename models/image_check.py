@@ -17,11 +17,10 @@ from collections.abc import Callable, Sequence
 
 from pydicom.dataset import Dataset
 
-from iods.anatomy import AnatomyMatch, AnatomyNormaliser
+from iods.anatomy import IMAGE_SOURCE, AnatomyMatch, AnatomyNormaliser, ImageReading
 from iods.card import ModelCard
 from models.infer import predict_classification
 from models.runtime import LoadedModel
-from node.pipeline.selection import IMAGE_SOURCE, ImageReading
 
 log = logging.getLogger(__name__)
 

@@ -156,3 +156,13 @@ def test_the_node_never_imports_the_training_code() -> None:
     offenders += [f"{m} imports {d} at module level" for m in LAZY_TRAINING_IMPORTS
                   for d in _module_level_imports(modules[m]) if d.startswith("models.training")]
     assert offenders == []
+
+
+def test_models_and_iods_never_import_the_node() -> None:
+    """The layers go one way: node uses models and iods; models uses iods; iods uses neither.
+    (models.image_check once imported a data type from node.pipeline.selection.)"""
+    graph = _graph()
+    offenders = [f"{m} imports {d}" for m in graph for d in graph[m]
+                 if (m.startswith("models.") and not m.startswith("models.training") and d.startswith("node."))
+                 or (m.startswith("iods.") and d.startswith(("node.", "models.")))]
+    assert offenders == []

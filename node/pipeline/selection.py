@@ -37,6 +37,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from iods import anatomy
+from iods.anatomy import IMAGE_SOURCE, ImageReading
 from iods.card import Code, ModelCard
 from models.volume import has_slice_geometry
 from node.config import SelectionSection, SiteRule
@@ -47,8 +48,6 @@ VERSION_POINTS = 10.0
 UNVALIDATED_NEWER_POINTS = 5.0
 LATERALITY_POINTS = 3.0
 PIN_POINTS = 1000.0
-# AnatomyMatch.source of a reading from the images (models.image_check).
-IMAGE_SOURCE = "image check"
 
 # Free-text words for the findings models commonly target, in the five languages the anatomy
 # table covers, keyed by SNOMED CT concept. Coded requests need none of this.
@@ -62,31 +61,6 @@ FINDING_WORDS: dict[str, tuple[str, ...]] = {
     "50960005": ("hemorrhage", "haemorrhage", "blutung", "hemorragie", "emorragia", "hemorragia", "ich"),
     "108369006": ("tumor", "tumour", "neoplasm", "tumeur", "tumore"),
 }
-
-
-@dataclass(frozen=True)
-class ImageReading:
-    """What a body-part classifier read from the images of a series: every class's probability.
-
-    ``classes`` holds (class label, region, probability) for each class of the model whose type
-    the anatomy table knows, probabilities averaged over the series' images."""
-
-    classifier: str  # the model's name
-    classes: tuple[tuple[str, anatomy.Region, float], ...]
-
-    def best(self) -> tuple[str, anatomy.Region, float]:
-        return max(self.classes, key=lambda c: (c[2], c[1].code))
-
-    def probability_of(self, code: str, min_similarity: float) -> tuple[float, list[str]]:
-        """Probability the image gives region ``code``: the sum over the classes whose region is
-        ``code``, contains it or lies inside it (similarity >= ``min_similarity``), with their labels.
-        A KNEE header is read against the "limb" class (Extremity contains Knee)."""
-        p, labels = 0.0, []
-        for label, region, prob in self.classes:
-            if anatomy.similarity(code, region.code) >= min_similarity:
-                p += prob
-                labels.append(label)
-        return p, labels
 
 
 @dataclass(frozen=True)
