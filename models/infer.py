@@ -3,7 +3,11 @@
 Segmentation: the series is loaded as a volume (slices ordered along the normal, rescaled),
 prepared exactly as in training (:mod:`models.preprocess`), run in batches of slices, and the
 probabilities are resampled back to the source grid and thresholded per class before they
-become a SEG on the source slices.
+become a SEG on the source slices. Cards that use the volumetric keys (orientation, sliding
+window, size divisor, exclusive classes, logits) take the patient-space path instead: reoriented
+to the card's axis codes, resampled to its spacing, run window by window and blended in bounded
+memory (:mod:`models.window`), reduced to labels or masks and mapped back to the source grid
+(docs/pipeline.md, "3D and patch-based models").
 
 Classification: every image of the series is prepared on its own (a radiograph series may hold
 several views of one body part); the class probabilities are averaged over the images and become
