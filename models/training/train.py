@@ -93,7 +93,7 @@ CHEST3D_WIDTHS = (8, 16, 32, 64)
 INPUT_SIZE = (128, 128)
 # Network grid of the 3D model, in its (RAS) axis order: mm per voxel and the training patch,
 # which is also the card's sliding window.
-CHEST3D_SPACING = (2.0, 2.0, 2.0)
+CHEST3D_SPACING = (2.5, 2.5, 2.5)
 CHEST3D_PATCH = (64, 64, 64)
 
 
@@ -103,7 +103,7 @@ class Schedule:
     unet_batch: int = 16
     cls_steps: int = 360
     cls_batch: int = 32
-    chest_steps: int = 600
+    chest_steps: int = 900
     chest_batch: int = 2
 
 
