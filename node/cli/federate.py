@@ -5,6 +5,11 @@ and packs the aggregate as a new version (lineage: parent, rounds, participants 
 counts), then sends it by C-STORE to every ``--send AE@HOST:PORT``. join (on each node) runs a
 Flower client that trains on the node's reviewed cases and sends back only weights and case
 counts. flwr and torch come from the ``federated`` and ``train`` extras; docs/federated.md.
+
+--clients sites are needed before the first round; later rounds go ahead with --min-clients, so
+a site that leaves does not stall the others. TLS: --tls-ca/--tls-cert/--tls-key on serve,
+--tls-ca on join (Flower's own). Clipping and differential privacy: --dp-clipping-norm and
+--dp-noise-multiplier (Flower's server-side fixed clipping), recorded in the new version's card.
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from node.cli.common import EXIT_INVALID, EXIT_PEER, CliError, config_from_args
+from node.cli.common import (
+    EXIT_INVALID,
+    EXIT_NOT_FOUND,
+    EXIT_PEER,
+    EXIT_USAGE,
+    CliError,
+    config_from_args,
+)
 from node.cli.learning import find_model
 
 
@@ -48,6 +60,47 @@ def _parent(config: Any, name_or_uid: str) -> tuple[Any, bytes, Any, Any]:
     return parent, onnx_bytes, card, cases
 
 
+def _pem(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"{what} {path}: {exc.strerror or exc}", EXIT_NOT_FOUND) from exc
+    # gRPC only says "handshake failed" later on a file that is not PEM; say so now.
+    if b"-----BEGIN " not in data:
+        raise CliError(f"{what} {path} is not a PEM file", EXIT_INVALID)
+    return data
+
+
+def _server_certificates(args: argparse.Namespace) -> tuple[bytes, bytes, bytes] | None:
+    given = [args.tls_ca, args.tls_cert, args.tls_key]
+    if not any(given):
+        return None
+    if not all(given):
+        raise CliError("TLS needs all three of --tls-ca, --tls-cert and --tls-key", EXIT_USAGE)
+    return (_pem(args.tls_ca, "--tls-ca"), _pem(args.tls_cert, "--tls-cert"),  # type: ignore[return-value]
+            _pem(args.tls_key, "--tls-key"))
+
+
+def _privacy(args: argparse.Namespace, federated: Any) -> Any:
+    if args.dp_noise_multiplier is None and args.dp_clipping_norm is None:
+        return None
+    if args.dp_clipping_norm is None:
+        raise CliError("--dp-noise-multiplier needs --dp-clipping-norm (the noise is relative to it)", EXIT_USAGE)
+    try:
+        return federated.Privacy(args.dp_noise_multiplier or 0.0, args.dp_clipping_norm)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
+
+
+def _min_clients(args: argparse.Namespace) -> int:
+    low = args.clients if args.min_clients is None else args.min_clients
+    if args.clients < 1 or not 1 <= low <= args.clients:
+        raise CliError(f"--min-clients must be between 1 and --clients ({args.clients}), not {low}", EXIT_USAGE)
+    return low
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydicom.uid import generate_uid
 
@@ -57,6 +110,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.scu import client as scu
 
     federated, ft = _training()
+    # Options first: a typo must not cost the wait for the sites.
+    min_clients = _min_clients(args)
+    certificates = _server_certificates(args)
+    privacy = _privacy(args, federated)
     config = config_from_args(args)
     parent, onnx_bytes, card, _ = _parent(config, args.model)
     try:
@@ -65,7 +122,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"{parent.name} {parent.version} cannot be trained: {exc}", EXIT_INVALID) from exc
     t0 = time.perf_counter()
     outcome = federated.serve(card, onnx_bytes, args.address, rounds=args.rounds, clients=args.clients,
-                              steps=args.steps, round_timeout=args.round_timeout)
+                              min_clients=min_clients, steps=args.steps, round_timeout=args.round_timeout,
+                              privacy=privacy, certificates=certificates)
     if outcome.rounds == 0:
         raise CliError("no round completed; nothing packed", EXIT_PEER)
     new_onnx = federated.network_with(card, onnx_bytes, outcome.weights)
@@ -77,13 +135,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     perf = {k: float(v) for k, v in outcome.evaluation.items() if k.startswith("dice_")}
     perf.update({"rounds": float(outcome.rounds), "participants": float(len(outcome.participants)),
                  "cases_train": float(sum(outcome.participants.values())), "steps_per_round": float(args.steps)})
+    dp_text = ""
+    command = f"modelnode federate serve {args.model} --rounds {args.rounds} --steps {args.steps}"
+    if privacy is not None:
+        perf.update({"dp_noise_multiplier": privacy.noise_multiplier, "dp_clipping_norm": privacy.clipping_norm,
+                     "dp_noise_stdev": privacy.stdev(min_clients)})
+        dp_text = (f"; differential privacy: Flower server-side fixed clipping, clipping norm "
+                   f"{privacy.clipping_norm:g}, noise multiplier {privacy.noise_multiplier:g} (noise stdev "
+                   f"{privacy.stdev(min_clients):g} on each round's average, sized for {min_clients} client(s))")
+        command += f" --dp-clipping-norm {privacy.clipping_norm:g} --dp-noise-multiplier {privacy.noise_multiplier:g}"
     data["provenance"] = {
         "parent_uid": parent.uid, "architecture": ft.architecture_of(card), "performance": perf,
         "training_data": (f"federated (Flower, FedAvg) from {parent.name} {parent.version} ({parent.uid}): "
                           f"{outcome.rounds} round(s); participants and training cases: "
                           + ", ".join(f"{n} {c}" for n, c in sorted(outcome.participants.items()))
-                          + "; dice figures: last round, weighted mean over the participants' held-out cases"),
-        "training_command": f"modelnode federate serve {args.model} --rounds {args.rounds} --steps {args.steps}",
+                          + "; dice figures: last round, weighted mean over the participants' held-out cases"
+                          + dp_text),
+        "training_command": command,
         "seed": 20261203,
     }
     new_card = parse_card(data)
@@ -105,7 +173,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     report = {"uid": new_card.identity.uid, "version": new_card.identity.version, "parent_uid": parent.uid,
               "rounds": outcome.rounds, "participants": outcome.participants, "evaluation": outcome.evaluation,
               "seconds_per_round": outcome.seconds_per_round, "seconds": round(time.perf_counter() - t0, 1),
-              "object": str(out), "sent": sent}
+              "failures": {str(r): n for r, n in sorted(outcome.failures.items())},
+              "privacy": None if privacy is None else {"noise_multiplier": privacy.noise_multiplier,
+                                                       "clipping_norm": privacy.clipping_norm},
+              "tls": certificates is not None, "object": str(out), "sent": sent}
     AuditLog.from_config(config).record("model-federated", model_uid=new_card.identity.uid, parent_uid=parent.uid,
                                         rounds=outcome.rounds, participants=outcome.participants, sent=sent)
     json.dump(report, sys.stdout, indent=2)
@@ -114,9 +185,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    import grpc
+
     from node.learning.cases import split
 
     federated, ft = _training()
+    root = _pem(args.tls_ca, "--tls-ca")
     config = config_from_args(args)
     parent, onnx_bytes, card, cases = _parent(config, args.model)
     if len(cases) < 2:
@@ -126,7 +200,13 @@ def cmd_join(args: argparse.Namespace) -> int:
     client = federated.NodeClient(f"{config.node.ae_title}:{config.node.port}", card, onnx_bytes,
                                   [ft.Case(c.series_uid, c.datasets, c.labels) for c in train],
                                   [ft.Case(c.series_uid, c.datasets, c.labels) for c in held])
-    federated.join(args.server, client)
+    try:
+        federated.join(args.server, client, root_certificates=root, max_wait_time=args.connect_timeout)
+    except grpc.RpcError as exc:
+        # Flower gives up (--connect-timeout) with gRPC's own error: a refused TLS handshake
+        # (wrong CA, or plaintext against a TLS server) reads the same as a server that is down.
+        details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+        raise CliError(f"could not take part in rounds at {args.server}: {details}", EXIT_PEER) from exc
     print(f"{config.node.ae_title}: rounds finished ({len(train)} training, {len(held)} held-out cases)")
     return 0
 
@@ -140,12 +220,25 @@ def register(sub: Any) -> None:
     sp.add_argument("model", metavar="NAME|UID")
     sp.add_argument("--address", default="127.0.0.1:9092", help="Flower server address (default 127.0.0.1:9092)")
     sp.add_argument("--rounds", type=int, default=2)
-    sp.add_argument("--clients", type=int, default=2, help="participants needed for each round")
+    sp.add_argument("--clients", type=int, default=2, help="participants needed before the first round")
+    sp.add_argument("--min-clients", type=int, metavar="N",
+                    help="fewest participants a later round goes ahead with (default: --clients)")
     sp.add_argument("--steps", type=int, default=20, help="local steps of 8 slices per round")
-    sp.add_argument("--round-timeout", type=float, default=600.0)
+    sp.add_argument("--round-timeout", type=float, default=600.0,
+                    help="seconds a round waits for its participants and for their results (default 600)")
     sp.add_argument("--send", action="append", metavar="AE@HOST:PORT", help="C-STORE the new version there")
+    sp.add_argument("--tls-ca", metavar="PEM", help="CA certificate (with --tls-cert and --tls-key: TLS)")
+    sp.add_argument("--tls-cert", metavar="PEM", help="this server's certificate")
+    sp.add_argument("--tls-key", metavar="PEM", help="this server's private key")
+    sp.add_argument("--dp-clipping-norm", type=float, metavar="C",
+                    help="clip each client's update to L2 norm C (Flower server-side fixed clipping)")
+    sp.add_argument("--dp-noise-multiplier", type=float, metavar="Z",
+                    help="add Gaussian noise of stdev Z*C/min-clients to each round's average (default 0)")
     sp.set_defaults(func=cmd_serve)
     sp = fsub.add_parser("join", help="take part in rounds with this node's reviewed cases")
     sp.add_argument("model", metavar="NAME|UID")
     sp.add_argument("--server", default="127.0.0.1:9092")
+    sp.add_argument("--tls-ca", metavar="PEM", help="CA that signed the server's certificate (TLS)")
+    sp.add_argument("--connect-timeout", type=float, metavar="SECONDS",
+                    help="give up connecting to the server after this long (default: keep trying)")
     sp.set_defaults(func=cmd_join)
