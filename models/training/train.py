@@ -52,6 +52,7 @@ from models.preprocess import (
     to_masks,
 )
 from models.training import phantoms
+from models.training.degrade import with_degraded_copies
 from models.training.networks import (
     BODY_PART_CLASSES,
     CHEST3D_CLASSES,
@@ -77,6 +78,8 @@ CT_TRAIN = range(1000, 1072)
 CT_HELDOUT = range(5000, 5016)
 XR_TRAIN = range(0, 360)  # per body part
 XR_HELDOUT = range(50000, 50100)  # per body part
+# 1.1.0: trained with degraded copies (models/training/degrade.py); 1.0.0 on clean phantoms only.
+BODY_VERSION = "1.1.0"
 
 # The 3D chest model: its own seeds (none shared with the lists above or the tests), and per
 # held-out scan the in-plane size and slice count (None: the generator's 20-60), so that both
@@ -201,8 +204,8 @@ def body_card_dict(performance: dict[str, float] | None = None) -> dict[str, Any
         "schema": "modelnode.card/1",
         "identity": {
             "name": "modelnode-bodypart-cnn",
-            "version": "1.0.0",
-            "uid": model_uid("bodypart_cnn", "1.0.0"),
+            "version": BODY_VERSION,
+            "uid": model_uid("bodypart_cnn", BODY_VERSION),
             "manufacturer": "modelnode",
             "authors": ["modelnode reference models"],
             "licence": "Apache-2.0",
@@ -210,7 +213,9 @@ def body_card_dict(performance: dict[str, float] | None = None) -> dict[str, Any
             "created": CARD_DATE,
             "description": (
                 f"Small strided CNN (widths {list(BODY_WIDTHS)}, BatchNorm, global average pooling) trained on "
-                "projections of synthetic 3D phantoms (models/phantoms.py). Softmax over five body parts."
+                "projections of synthetic 3D phantoms (models/training/phantoms.py), each also as a degraded copy "
+                "(gamma, contrast, blur, noise, collimation, burnt-in marker: models/training/degrade.py). "
+                "Softmax over five body parts."
             ),
         },
         "target": {
@@ -243,7 +248,7 @@ def body_card_dict(performance: dict[str, float] | None = None) -> dict[str, Any
         "provenance": {
             "training_data": (
                 f"{len(XR_TRAIN) * len(BODY_PART_CLASSES)} synthetic radiographs ({phantoms.GENERATOR_VERSION}, "
-                f"seeds {XR_TRAIN.start}-{XR_TRAIN.stop - 1} per body part); held-out: "
+                f"seeds {XR_TRAIN.start}-{XR_TRAIN.stop - 1} per body part) and a degraded copy of each; held-out: "
                 f"{len(XR_HELDOUT) * len(BODY_PART_CLASSES)} radiographs, seeds {XR_HELDOUT.start}-{XR_HELDOUT.stop - 1}"
             ),
             "performance": dict(performance or {}),
@@ -264,9 +269,9 @@ def chest3d_card_dict(performance: dict[str, float] | None = None) -> dict[str, 
     return {
         "schema": "modelnode.card/1",
         "identity": {
-            "name": "modelnode-chest-unet3d",
+            "name": "modelnode-thorax-unet3d",
             "version": "1.0.0",
-            "uid": model_uid("chest_unet3d", "1.0.0"),
+            "uid": model_uid("thorax_unet3d", "1.0.0"),
             "manufacturer": "modelnode",
             "authors": ["modelnode reference models"],
             "licence": "Apache-2.0",
@@ -955,7 +960,7 @@ def _chest3d(args: argparse.Namespace, sched: Schedule, report: dict[str, Any]) 
     t0 = time.perf_counter()
     net = train_chest3d(items, sched)
     t_train = time.perf_counter() - t0
-    onnx_path = export_logits_onnx(net, args.build / "chest_unet3d.onnx", CHEST3D_PATCH)
+    onnx_path = export_logits_onnx(net, args.build / "thorax_unet3d.onnx", CHEST3D_PATCH)
     session = onnx_session(onnx_path)
     patch = items[0][0][tuple(slice(0, n) for n in CHEST3D_PATCH)].astype(np.float32)
     diff = max(logits_parity(net, session, patch[np.newaxis, np.newaxis]),
@@ -965,14 +970,14 @@ def _chest3d(args: argparse.Namespace, sched: Schedule, report: dict[str, Any]) 
     perf, rows = evaluate_chest3d(onnx_path, card, held, args.build)
     perf.update(onnx_torch_max_abs_diff=diff, training_seconds=t_train, data_seconds=t_data,
                 parameters=float(parameter_count(net)))
-    report["chest_unet3d"] = {**perf, "scans": rows}
-    header = (f"Reference 3D chest U-Net card, written by python -m models.training.train on {CARD_DATE}.\n"
+    report["thorax_unet3d"] = {**perf, "scans": rows}
+    header = (f"Reference 3D thorax U-Net card, written by python -m models.training.train on {CARD_DATE}.\n"
               "Figures: held-out phantoms, exported graph under ONNX Runtime through models.infer, scored on "
               "the source grid (see docs/reference-models.md).")
-    _, dcm_path = _pack(onnx_path, chest3d_card_dict(_fmt_perf(perf)), args.out, "chest_unet3d", header)
-    report["chest_unet3d"]["object_bytes"] = dcm_path.stat().st_size
+    _, dcm_path = _pack(onnx_path, chest3d_card_dict(_fmt_perf(perf)), args.out, "thorax_unet3d", header)
+    report["thorax_unet3d"]["object_bytes"] = dcm_path.stat().st_size
     lines = [
-        f"3D chest U-Net ({dcm_path}, {dcm_path.stat().st_size / 2**20:.2f} MiB) on {len(rows)} held-out scans, "
+        f"3D thorax U-Net ({dcm_path}, {dcm_path.stat().st_size / 2**20:.2f} MiB) on {len(rows)} held-out scans, "
         f"source grid: Dice left lung {perf['dice_left_lung_mean']:.4f} (min {perf['dice_left_lung_min']:.4f}), "
         f"right lung {perf['dice_right_lung_mean']:.4f} (min {perf['dice_right_lung_min']:.4f}), heart "
         f"{perf['dice_heart_mean']:.4f} (min {perf['dice_heart_min']:.4f}); ONNX vs PyTorch max |diff| {diff:.1e}; "
@@ -1044,7 +1049,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t_data = time.perf_counter() - t0
         print(f"radiographs: {len(x)} training, {len(xv)} held-out, generated in {t_data:.0f} s")
         t0 = time.perf_counter()
-        net = train_classifier(x, labels, sched)
+        # Every phantom and a degraded copy of it: real radiographs are read far more surely.
+        net = train_classifier(*with_degraded_copies(x, labels, SEED), sched)
         t_train = time.perf_counter() - t0
         onnx_path = export_onnx(net, args.build / "bodypart_cnn.onnx", task="classification")
         session = onnx_session(onnx_path)
