@@ -7,7 +7,9 @@ not run ``scripts/run`` itself: that script installs what is missing (Debian pac
 project into ``.venv`` when setup.cfg changed), which a test must not do. ``--bind`` and
 ``--port`` (overrides ``modelnode serve`` accepts) keep it on a free loopback port; nothing else
 differs from what a user gets. Then dcmtk's storescu sends a generated chest CT and the SEG of
-the lung U-Net must appear in the node, with no other command.
+the lung U-Net must appear in the node, with no other command: the 3D thorax U-Net fits a chest
+CT with the same score, and the ranking's last key (the name) puts the lung U-Net first
+(docs/reference-models.md).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from models.training.phantoms import write_ct_series
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 LUNG_MODEL = "modelnode-lung-unet"
-REFERENCE_NAMES = {"modelnode-lung-unet", "modelnode-bodypart-cnn"}
+REFERENCE_NAMES = {"modelnode-lung-unet", "modelnode-bodypart-cnn", "modelnode-thorax-unet3d"}
 CT_SEED, CT_SLICES = 9001, 24
 
 
@@ -122,7 +124,7 @@ def test_removed_reference_models_stay_removed_after_a_restart(tmp_path: Path) -
         assert models_in(node.data_dir) == {}
         node.restart()
         assert models_in(node.data_dir) == {}
-        assert node.log().count("registering the 2 shipped reference model(s)") == 1, node.log()
+        assert node.log().count("registering the 3 shipped reference model(s)") == 1, node.log()
     finally:
         node.stop()
 
@@ -134,7 +136,7 @@ def test_a_restart_of_a_new_node_registers_nothing_twice(tmp_path: Path) -> None
         first = models_in(node.data_dir)
         node.restart()
         assert models_in(node.data_dir) == first
-        assert node.log().count("model registered:") == 2, node.log()
+        assert node.log().count("model registered:") == len(REFERENCE_NAMES), node.log()
     finally:
         node.stop()
 
@@ -147,7 +149,7 @@ def test_reference_models_unit(tmp_path: Path) -> None:
     from node.storage.registry import reference_model_files, register_reference_models
 
     files = reference_model_files()
-    assert [f.name for f in files] == ["bodypart_cnn.dcm", "lung_unet.dcm"]
+    assert [f.name for f in files] == ["bodypart_cnn.dcm", "lung_unet.dcm", "thorax_unet3d.dcm"]
     app = open_app(parse_config({"storage": {"data_dir": str(tmp_path / "data")}}))
     try:
         broken = tmp_path / "broken.dcm"

@@ -390,7 +390,7 @@ def test_a_payload_file_that_shrinks_before_writing_leaves_no_object(tmp_path, s
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("name", ["lung_unet", "bodypart_cnn"])
+@pytest.mark.parametrize("name", ["lung_unet", "bodypart_cnn", "thorax_unet3d"])
 def test_shipped_reference_objects_have_even_payload_values(name):
     path = REFERENCE / f"{name}.dcm"
     length, at = _payload_value(path)

@@ -140,7 +140,7 @@ def test_shipped_bodypart_cnn_accuracy_on_fresh_radiographs(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_shipped_cards_are_valid_and_small():
-    for name in ("lung_unet", "bodypart_cnn"):
+    for name in ("lung_unet", "bodypart_cnn", "thorax_unet3d"):
         card = load_card(REFERENCE / f"{name}.toml")
         assert card.identity.uid.startswith("2.25.")
         assert card.provenance.seed is not None and "train_reference" in card.provenance.training_command
