@@ -215,6 +215,9 @@ def test_tls_admits_the_client_with_the_ca_and_refuses_plaintext_and_another_ca(
     assert (perf["dp_clipping_norm"], perf["dp_noise_multiplier"], perf["dp_noise_stdev"]) == (5.0, 0.01, 0.05)
     assert "differential privacy: Flower server-side fixed clipping, clipping norm 5" in card.provenance.training_data
     assert "--dp-clipping-norm 5 --dp-noise-multiplier 0.01" in card.provenance.training_command
+    audit = [json.loads(line) for line in (coordinator.parent / "data" / "audit.jsonl").read_text().splitlines()]
+    [event] = [e for e in audit if e["event"] == "model-federated" and e.get("model_uid") == report["uid"]]
+    assert event["tls"] is True and event["privacy"] == report["privacy"], event
     # With noise, the aggregate is no longer what the client sent.
     assert _packed_digest(report["object"]) != (tmp_path / "honest" / "sent-1").read_text()
 

@@ -60,9 +60,7 @@ def _parent(config: Any, name_or_uid: str) -> tuple[Any, bytes, Any, Any]:
     return parent, onnx_bytes, card, cases
 
 
-def _pem(path: str | None, what: str) -> bytes | None:
-    if path is None:
-        return None
+def _pem(path: str, what: str) -> bytes:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -79,8 +77,7 @@ def _server_certificates(args: argparse.Namespace) -> tuple[bytes, bytes, bytes]
         return None
     if not all(given):
         raise CliError("TLS needs all three of --tls-ca, --tls-cert and --tls-key", EXIT_USAGE)
-    return (_pem(args.tls_ca, "--tls-ca"), _pem(args.tls_cert, "--tls-cert"),  # type: ignore[return-value]
-            _pem(args.tls_key, "--tls-key"))
+    return _pem(args.tls_ca, "--tls-ca"), _pem(args.tls_cert, "--tls-cert"), _pem(args.tls_key, "--tls-key")
 
 
 def _privacy(args: argparse.Namespace, federated: Any) -> Any:
@@ -136,7 +133,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     perf.update({"rounds": float(outcome.rounds), "participants": float(len(outcome.participants)),
                  "cases_train": float(sum(outcome.participants.values())), "steps_per_round": float(args.steps)})
     dp_text = ""
-    command = f"modelnode federate serve {args.model} --rounds {args.rounds} --steps {args.steps}"
+    command = (f"modelnode federate serve {args.model} --rounds {args.rounds} --steps {args.steps} "
+               f"--clients {args.clients} --min-clients {min_clients}")
     if privacy is not None:
         perf.update({"dp_noise_multiplier": privacy.noise_multiplier, "dp_clipping_norm": privacy.clipping_norm,
                      "dp_noise_stdev": privacy.stdev(min_clients)})
@@ -178,7 +176,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                        "clipping_norm": privacy.clipping_norm},
               "tls": certificates is not None, "object": str(out), "sent": sent}
     AuditLog.from_config(config).record("model-federated", model_uid=new_card.identity.uid, parent_uid=parent.uid,
-                                        rounds=outcome.rounds, participants=outcome.participants, sent=sent)
+                                        rounds=outcome.rounds, participants=outcome.participants, sent=sent,
+                                        failures=report["failures"], privacy=report["privacy"], tls=report["tls"])
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0 if all(v == "stored" for v in sent.values()) else EXIT_PEER
@@ -190,7 +189,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     from node.learning.cases import split
 
     federated, ft = _training()
-    root = _pem(args.tls_ca, "--tls-ca")
+    root = _pem(args.tls_ca, "--tls-ca") if args.tls_ca else None
     config = config_from_args(args)
     parent, onnx_bytes, card, cases = _parent(config, args.model)
     if len(cases) < 2:
