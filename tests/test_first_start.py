@@ -32,6 +32,7 @@ from models.training.phantoms import write_ct_series
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 LUNG_MODEL = "modelnode-lung-unet"
+THORAX_3D = "modelnode-thorax-unet3d"
 REFERENCE_NAMES = {"modelnode-lung-unet", "modelnode-bodypart-cnn", "modelnode-thorax-unet3d"}
 CT_SEED, CT_SLICES = 9001, 24
 
@@ -93,10 +94,14 @@ def test_first_start_segments_a_chest_ct_with_no_other_command(tmp_path: Path) -
         run(["storescu", "-aec", "MODELNODE", "127.0.0.1", str(port), *map(str, ct)], timeout=120)
 
         db = data_dir / "modelnode.db"
-        done = poll(lambda: query(db, "SELECT state, outcome, model_name, results FROM job WHERE state IN "
+        done = poll(lambda: query(db, "SELECT state, outcome, model_name, results, selection FROM job WHERE state IN "
                                       "('done', 'failed', 'exported')"), 120, "the job to finish", log_path)
-        [(state, outcome, model_name, results)] = done
+        [(state, outcome, model_name, results, selection)] = done
         assert (state, outcome, model_name) == ("done", "result", LUNG_MODEL), done
+        # Both CT chest models fit with the same score; the name orders them (docs/reference-models.md).
+        [explained] = json.loads(selection)
+        ranked = [(c["name"], c["score"]) for c in explained["ranked"]]
+        assert [n for n, _ in ranked] == [LUNG_MODEL, THORAX_3D] and ranked[0][1] == ranked[1][1], ranked
         [seg_uid] = json.loads(results)
         rows = query(db, "SELECT i.sop_class_uid, st.study_uid FROM instance i JOIN series s ON s.id = i.series_id "
                          "JOIN study st ON st.id = s.study_id WHERE i.sop_uid = ?", seg_uid)
