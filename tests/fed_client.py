@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -90,6 +91,7 @@ def main() -> int:
     ap.add_argument("--ca", type=Path)
     ap.add_argument("--wait", type=float)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     ca = args.ca.read_bytes() if args.ca else None
     if args.role == "honest":

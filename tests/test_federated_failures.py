@@ -82,6 +82,18 @@ class Proc:
                 self.proc.wait(10)
 
 
+def _wait_for_text(p: Proc, text: str, timeout: float) -> None:
+    """Until ``text`` shows in the process's stderr (polling the file; the process is not ours
+    to block on)."""
+    deadline = time.monotonic() + timeout
+    while text not in p.err.read_text(errors="replace"):
+        if p.proc.poll() is not None:
+            raise AssertionError(f"exited {p.proc.returncode} before saying {text!r}\n{p.said()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not said after {timeout} s\n{p.said()}")
+        time.sleep(0.1)
+
+
 def _serve(cfg: Path, port: int, workdir: Path, *options: str) -> Proc:
     p = Proc("serve", [*MODELNODE, "--config", str(cfg), "federate", "serve", "modelnode-lung-unet",
                        "--address", f"127.0.0.1:{port}", "--steps", "1", *options], workdir)
@@ -117,14 +129,16 @@ def test_client_dying_mid_round_is_left_out_and_the_next_round_goes_on_without_i
     before = _federated_dir(coordinator)
     port = free_port()
     t0 = time.monotonic()
-    serve = _serve(coordinator, port, tmp_path, "--rounds", "2", "--clients", "2", "--min-clients", "1",
-                   "--round-timeout", "120")
-    procs = [serve]
+    # The honest site starts before the coordinator: join keeps trying until it is there.
+    honest = _client("honest", port, tmp_path / "honest", "--wait", "120")
+    procs = [honest]
     try:
+        _wait_for_text(honest, f"no Flower server at 127.0.0.1:{port} yet", 120)
+        serve = _serve(coordinator, port, tmp_path, "--rounds", "2", "--clients", "2", "--min-clients", "1",
+                       "--round-timeout", "120")
+        procs.append(serve)
         dying = _client("die", port, tmp_path / "die")
         procs.append(dying)
-        honest = _client("honest", port, tmp_path / "honest")
-        procs.append(honest)
         assert dying.wait(120) == 1, dying.said()
         assert serve.wait(180) == 0, serve.said()
         assert honest.wait(60) == 0, honest.said()
@@ -294,3 +308,37 @@ def test_join_refuses_a_missing_ca_file(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "absent.toml"), "federate", "join", "modelnode-lung-unet",
                  "--tls-ca", str(missing)]) == 4
     assert f"--tls-ca {missing}: No such file" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_join_that_cannot_reach_the_server_exits_6_after_its_connect_timeout(tmp_path, monkeypatch, capsys,
+                                                                               caplog):
+    """The node's side stands in for a node with reviewed cases (two phantom series); what is
+    tested is join's connection path: it retries, gives up, and says so with exit 6."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from iods import model_object
+    from models.training.phantoms import ct_truth, write_ct_series
+    from node.cli import federate, main
+    from node.learning.cases import LocalCase
+
+    onnx_bytes, card = model_object.decode(pydicom.dcmread(LUNG))
+    cases = []
+    for seed in (8811, 8812):
+        paths = write_ct_series(tmp_path / str(seed), seed, slices=2, size=128)
+        truth = ct_truth(seed, slices=2, size=128)
+        labels = {u: np.stack([truth.lung[i], truth.nodule[i]], -1) for i, u in enumerate(truth.sop_instance_uids)}
+        cases.append(LocalCase(str(seed), "correction", [pydicom.dcmread(p) for p in paths], labels))
+    monkeypatch.setattr(federate, "config_from_args",
+                        lambda args: SimpleNamespace(node=SimpleNamespace(ae_title="SITE", port=11112)))
+    monkeypatch.setattr(federate, "_parent", lambda config, name: (None, onnx_bytes, card, cases))
+    port = free_port()  # nothing listens there
+    t0 = time.monotonic()
+    assert main(["federate", "join", "modelnode-lung-unet", "--server", f"127.0.0.1:{port}",
+                 "--connect-timeout", "2"]) == 6
+    # It tried again (back-off from 0.5 s) before giving up, rather than failing on the first refusal.
+    assert 0.5 < time.monotonic() - t0 < 60
+    assert f"no Flower server at 127.0.0.1:{port} yet" in caplog.text
+    assert f"could not take part in rounds at 127.0.0.1:{port}" in capsys.readouterr().err

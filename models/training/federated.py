@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import flwr as fl
+import grpc
 import numpy as np
 import torch
 from flwr.common import (
@@ -224,16 +225,59 @@ class NodeClient(fl.client.NumPyClient):
         return 1.0 - mean, len(self.heldout), {**scores, "node": self.node}
 
 
+class _Watched(fl.client.NumPyClient):
+    """Delegates to the node's client and notes whether the server ever reached it."""
+
+    def __init__(self, client: fl.client.NumPyClient) -> None:
+        self.client, self.contacted = client, False
+
+    def get_properties(self, config):  # type: ignore[no-untyped-def]
+        self.contacted = True
+        return self.client.get_properties(config)
+
+    def get_parameters(self, config):  # type: ignore[no-untyped-def]
+        self.contacted = True
+        return self.client.get_parameters(config)
+
+    def fit(self, parameters, config):  # type: ignore[no-untyped-def]
+        self.contacted = True
+        return self.client.fit(parameters, config)
+
+    def evaluate(self, parameters, config):  # type: ignore[no-untyped-def]
+        self.contacted = True
+        return self.client.evaluate(parameters, config)
+
+
 def join(address: str, client: fl.client.NumPyClient, *, root_certificates: bytes | None = None,
          max_wait_time: float | None = None) -> None:
     """Take part in the server's rounds until it ends them.
 
     ``root_certificates``: the CA (PEM bytes) that signed the server's certificate, for TLS.
-    ``max_wait_time``: give up connecting after that many seconds (None: keep trying).
+    ``max_wait_time``: keep trying to connect for that many seconds (None: one attempt). Raises
+    ``grpc.RpcError`` when it gives up.
     """
     torch.set_num_threads(2)
-    fl.client.start_client(server_address=address, client=client.to_client(),
-                           root_certificates=root_certificates, max_wait_time=max_wait_time)
+    deadline = None if max_wait_time is None else time.monotonic() + max_wait_time
+    delay = 0.5
+    while True:
+        watched = _Watched(client)
+        try:
+            fl.client.start_client(server_address=address, client=watched.to_client(),
+                                   root_certificates=root_certificates)
+            return
+        except grpc.RpcError as exc:
+            # Flower's grpc-bidi transport (flwr 1.42) does not retry a connection that is
+            # refused, its max_wait_time notwithstanding, so a site started before the
+            # coordinator would fail at once. Retry here, but only while no round has reached
+            # us: after that, the server ending or dying is not ours to paper over.
+            code = exc.code() if callable(getattr(exc, "code", None)) else None
+            if (watched.contacted or code != grpc.StatusCode.UNAVAILABLE or deadline is None
+                    or time.monotonic() + delay > deadline):
+                raise
+            log.warning("no Flower server at %s yet (%s); trying again in %.1f s", address,
+                     exc.details() if callable(getattr(exc, "details", None)) else code, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def network_with(card: ModelCard, parent_onnx: bytes, weights: Sequence[np.ndarray]) -> bytes:

@@ -239,5 +239,5 @@ def register(sub: Any) -> None:
     sp.add_argument("--server", default="127.0.0.1:9092")
     sp.add_argument("--tls-ca", metavar="PEM", help="CA that signed the server's certificate (TLS)")
     sp.add_argument("--connect-timeout", type=float, metavar="SECONDS",
-                    help="give up connecting to the server after this long (default: keep trying)")
+                    help="keep trying to reach the server for this long (default: one attempt)")
     sp.set_defaults(func=cmd_join)
