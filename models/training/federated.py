@@ -274,8 +274,8 @@ def join(address: str, client: fl.client.NumPyClient, *, root_certificates: byte
             if (watched.contacted or code != grpc.StatusCode.UNAVAILABLE or deadline is None
                     or time.monotonic() + delay > deadline):
                 raise
-            log.warning("no Flower server at %s yet (%s); trying again in %.1f s", address,
-                     exc.details() if callable(getattr(exc, "details", None)) else code, delay)
+            details = exc.details() if callable(getattr(exc, "details", None)) else code
+            log.warning("no Flower server at %s yet (%s); trying again in %.1f s", address, details, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
 
