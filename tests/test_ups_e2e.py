@@ -206,3 +206,44 @@ def test_node_killed_while_in_progress_completes_once_after_restart(tmp_path: Pa
             audit = [json.loads(line) for line in (node.data_dir / "audit.jsonl").read_text().splitlines()]
             assert [a["event"] for a in audit].count("result-exported") == 1
             assert len(json.loads(node.cli("jobs", "list", "--json").stdout)) == 1
+
+
+@pytest.mark.timeout(240)
+def test_contradicted_series_cancels_the_workitem_with_both_readings_and_sends_nothing(tmp_path: Path) -> None:
+    """Issue 20 through AI on request: a chest radiograph labelled KNEE, asked for by a workitem.
+
+    The selection holds the job (the images contradict the header); the workitem is CANCELED
+    with the contradiction as its reason, and no result reaches the PACS.
+    """
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    require("storescu")
+    node_port = free_port()
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.BodyPartExamined = "KNEE"
+    knee_labelled_chest = tmp_path / "rg1_knee.dcm"
+    ds.save_as(knee_labelled_chest, enforce_file_format=True)
+    with (UpsPeer("WATCHER") as watcher,
+          orthanc(tmp_path / "orthanc", modalities={NODE_AE: (NODE_AE, "127.0.0.1", node_port)}) as pacs):
+        run(["storescu", "-aec", pacs.aet, "127.0.0.1", str(pacs.port), str(knee_labelled_chest)], timeout=60)
+        before = set(pacs.instances())
+        peers, extra = _node_config(pacs.port, watcher)
+        with node_process(tmp_path / "node", port=node_port, peers=peers, extra=extra,
+                          reference_models=True) as node:
+            _subscribe(watcher, node)
+            uid = _create(watcher, node, workitem_dataset(str(ds.StudyInstanceUID), "ORTHANC", destination="ORTHANC"))
+            events = watcher.wait_states(uid, ["SCHEDULED", "IN PROGRESS", "CANCELED"], 180)
+            reason = events[-1].info.ReasonForCancellation
+            assert "held for review" in reason and "the header says Knee" in reason and "Chest p=" in reason, reason
+            shown = _workitem(node, uid)
+            assert shown["state"] == "CANCELED" and shown["results"] == []
+            [job_id] = shown["jobs"]
+            job = json.loads(node.cli("jobs", "show", str(job_id), "--json").stdout)
+            assert (job["state"], job["outcome"], job["results"]) == ("held", "contradiction", []), job
+            audit = [json.loads(line) for line in (node.data_dir / "audit.jsonl").read_text().splitlines()]
+            assert any(a["event"] == "selection-contradiction" for a in audit)
+            assert query(node, "SELECT COUNT(*) FROM outboxitem") == [(0,)]
+        assert set(pacs.instances()) == before  # nothing was sent to the PACS
