@@ -40,6 +40,9 @@ class ConfigError(ValueError):
 # Every action a caller may be permitted (node.security.policy says what each covers); the
 # default of every permission list.
 ALL_PERMISSIONS: tuple[str, ...] = ("echo", "store-images", "store-models", "query", "retrieve", "tasks")
+# What a [[users]] entry may do in the web console (node.web): "console" reads every page,
+# "review" also accepts and rejects results. Never in a default: the console is granted by name.
+WEB_PERMISSIONS: tuple[str, ...] = ("console", "review")
 
 
 @dataclass
@@ -317,6 +320,27 @@ class MetricsSection:
 
 
 @dataclass
+class WebSection:
+    """The web console (node.web, docs/console.md), served by ``modelnode serve`` in its process."""
+
+    enabled: bool = True
+    # Loopback by default. Any other address needs [tls] certificate and private_key (the
+    # console then speaks HTTPS only): passcodes and session cookies must not cross a network
+    # in clear.
+    bind: str = "127.0.0.1"
+    # 11180: clear of Orthanc's 8042, the metrics' 9110, DICOM's 104/11112/2762 and the 8000/8080
+    # every development server defaults to.
+    port: int = 11180
+    # A signed-in session ends after this many minutes (and when the node restarts).
+    session_minutes: float = 480.0
+    # Single sign-on through a reverse proxy: the header that names the authenticated user
+    # (e.g. "X-Remote-User"), believed only from trusted_proxies. Off (""): sign in with the
+    # passcode of a [[users]] entry. Either way the user needs "console" among its permissions.
+    proxy_user_header: str = ""
+    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
+
+
+@dataclass
 class UpsSection:
     """AI on request: the UPS SCP and the Task Performer (node.ups, docs/dimse.md)."""
 
@@ -363,6 +387,7 @@ class Config:
     audit: AuditSection = field(default_factory=AuditSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     ups: UpsSection = field(default_factory=UpsSection)
+    web: WebSection = field(default_factory=WebSection)
     peers: list[Peer] = field(default_factory=list)
     users: list[User] = field(default_factory=list)
     source: str = ""  # the file it came from, "" for the embedded defaults
@@ -659,8 +684,9 @@ def _check_service(cfg: Config, problems: list[tuple[str, str]]) -> None:
             problems.append((f"{key}.passcode_hash",
                              "must be pbkdf2-sha256$ITERATIONS$SALT$HASH (make one: modelnode config hash-passcode)"))
         for perm in u.permissions:
-            if perm not in PERMISSIONS:
-                problems.append((f"{key}.permissions", f"unknown permission {perm!r}; known: {sorted(PERMISSIONS)}"))
+            if perm not in PERMISSIONS and perm not in WEB_PERMISSIONS:
+                problems.append((f"{key}.permissions",
+                                 f"unknown permission {perm!r}; known: {sorted(PERMISSIONS | set(WEB_PERMISSIONS))}"))
     if cfg.security.require_user_identity and not cfg.users:
         problems.append(("security.require_user_identity", "no [[users]] are configured: every association would be rejected"))
     for perm in cfg.security.default_permissions:
@@ -675,6 +701,32 @@ def _check_service(cfg: Config, problems: list[tuple[str, str]]) -> None:
         problems.append(("metrics.port", f"{m.port} is not a TCP port"))
     if m.enabled and m.port in (cfg.node.port, tls.port):
         problems.append(("metrics.port", "must differ from the DICOM ports"))
+    _check_web(cfg, problems)
+
+
+def _check_web(cfg: Config, problems: list[tuple[str, str]]) -> None:
+    w = cfg.web
+    try:
+        loopback = ipaddress.ip_address(w.bind).is_loopback
+    except ValueError:
+        problems.append(("web.bind", f"{w.bind!r} is not an IP address"))
+        loopback = True
+    if not 0 <= w.port < 65536:
+        problems.append(("web.port", f"{w.port} is not a TCP port"))
+    if w.enabled and w.port and w.port in (cfg.node.port, cfg.tls.port, cfg.metrics.port if cfg.metrics.enabled else -1):
+        problems.append(("web.port", "must differ from the DICOM and metrics ports"))
+    if w.enabled and not loopback and not (cfg.tls.certificate and cfg.tls.private_key):
+        problems.append(("web.bind", f"{w.bind} is beyond loopback: the console needs tls.certificate and "
+                         "tls.private_key to serve HTTPS there (or bind 127.0.0.1 behind a TLS proxy)"))
+    if w.session_minutes <= 0:
+        problems.append(("web.session_minutes", "must be a positive number of minutes"))
+    if w.proxy_user_header and not re.match(r"^[A-Za-z0-9-]{1,64}$", w.proxy_user_header):
+        problems.append(("web.proxy_user_header", f"{w.proxy_user_header!r} is not an HTTP header name"))
+    for i, addr in enumerate(w.trusted_proxies):
+        try:
+            ipaddress.ip_address(addr)
+        except ValueError:
+            problems.append((f"web.trusted_proxies[{i}]", f"{addr!r} is not an IP address"))
 
 
 def parse_config(data: dict[str, Any], source: str = "") -> Config:

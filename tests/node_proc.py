@@ -52,7 +52,8 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
-def write_config(path: Path, sections: dict[str, dict[str, Any]], peers: list[dict[str, Any]]) -> Path:
+def write_config(path: Path, sections: dict[str, dict[str, Any]], peers: list[dict[str, Any]],
+                 users: list[dict[str, Any]] | None = None) -> Path:
     lines: list[str] = []
     for name, body in sections.items():
         lines.append(f"[{name}]")
@@ -61,6 +62,10 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]], peers: list[di
     for p in peers:
         lines.append("[[peers]]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in p.items())
+        lines.append("")
+    for u in users or []:
+        lines.append("[[users]]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in u.items())
         lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -76,6 +81,11 @@ class NodeProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    web_port: int = 0  # the console's port (``web=True``); 0: the console is off
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
 
     @classmethod
     def start(
@@ -91,14 +101,19 @@ class NodeProcess:
         env: dict[str, str] | None = None,
         data_dir: Path | None = None,
         reference_models: bool = False,
+        web: bool = False,
+        users: list[dict[str, Any]] | None = None,
         timeout: float = 30.0,
     ) -> NodeProcess:
         """Write a configuration into ``workdir`` and start the node; returns once it listens.
 
         ``node`` / ``storage`` add keys to those sections (e.g. ``{"allow_list": True}``),
-        ``peers`` is a list of ``[[peers]]`` tables, ``extra`` any other sections.
+        ``peers`` is a list of ``[[peers]]`` tables, ``users`` of ``[[users]]`` tables, ``extra``
+        any other sections.
         ``reference_models``: register the shipped reference models at the first start, as
         ``modelnode serve`` does by default (see the module docstring).
+        ``web``: serve the console on a free loopback port (``web_port``, ``web_url``); off
+        otherwise, so that nodes started side by side do not contend for its fixed default port.
         """
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -108,11 +123,13 @@ class NodeProcess:
             "node": {"ae_title": ae_title, "bind": "127.0.0.1", "port": port, **(node or {})},
             "storage": {"data_dir": str(data_dir), **(storage or {})},
             "models": {"register_reference": reference_models},
+            "web": {"enabled": web, **({"port": free_port()} if web else {})},
         }
         for name, body in (extra or {}).items():
             sections.setdefault(name, {}).update(body)
-        cfg = write_config(workdir / "modelnode.toml", sections, peers or [])
-        self = cls(workdir, port, ae_title, cfg, data_dir, workdir / "node.log", dict(env or {}))
+        cfg = write_config(workdir / "modelnode.toml", sections, peers or [], users)
+        self = cls(workdir, port, ae_title, cfg, data_dir, workdir / "node.log", dict(env or {}),
+                   web_port=sections["web"].get("port", 0) if sections["web"].get("enabled") else 0)
         self._spawn(timeout)
         return self
 

@@ -82,8 +82,12 @@ def cmd_show(args: argparse.Namespace) -> int:
                     "next_attempt_at": _iso(o.next_attempt_at), "sent_at": _iso(o.sent_at), "last_error": o.last_error}
                    for o in OutboxItem.select().where(OutboxItem.job_id == job.id).order_by(OutboxItem.id)]
         d = job_dict(job, exports)
+        if args.png:
+            _write_montage(app, job, args.png, args.window)
     finally:
         app.close()
+    if args.png and not args.json:
+        print(f"wrote the overlay montage of job {job.id} to {args.png}")
     if args.json:
         json.dump(d, sys.stdout, indent=2)
         print()
@@ -112,6 +116,20 @@ def cmd_show(args: argparse.Namespace) -> int:
         for r in sel.get("rejected", []):
             print(f"  rejected {r['name']} {r['version']}: {'; '.join(r['reasons'])}")
     return 0
+
+
+def _write_montage(app, job, path: str, window: str | None) -> None:
+    from node.web import render
+
+    try:
+        images = render.load_result(app.store, job)
+        data = render.montage_png(images, window=window)
+    except render.NothingToShow as exc:
+        raise CliError(str(exc), EXIT_NOT_FOUND) from exc
+    except render.RenderError as exc:
+        raise CliError(str(exc)) from exc
+    with open(path, "wb") as fh:
+        fh.write(data)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -145,6 +163,10 @@ def register(sub: Any) -> None:
     sp = jsub.add_parser("show", help="one job with its selection explanation, timings and exports")
     sp.add_argument("id", type=int)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--png", metavar="FILE",
+                    help="also write the result over its images as a PNG montage (the console's overlay)")
+    sp.add_argument("--window", choices=["auto", "lung", "soft", "bone", "brain"],
+                    help="window/level preset of the montage (default: lung for a lung result on CT)")
     sp.set_defaults(func=cmd_show)
     sp = jsub.add_parser("retry", help="queue a finished, failed or held job again",
                          description="Queue a job again. On a job held because its images contradict its header, "

@@ -40,25 +40,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_verdict(args: argparse.Namespace) -> int:
     from node.app import open_app
     from node.ops.audit import AuditLog
-    from node.pipeline.jobs import Job
-    from node.review.verdicts import Verdict
-    from node.storage.db import write_transaction
+    from node.review.verdicts import NoSuchResult, record_judgement
 
     config = config_from_args(args)
     app = open_app(config)
     try:
-        job = (Job.select().where(Job.results.contains(args.result_uid)).order_by(Job.id.desc()).first())
-        if job is None:
-            raise CliError(f"no result {args.result_uid} made by this node", EXIT_NOT_FOUND)
-        with write_transaction(app.db):
-            row = Verdict.create(sop_uid=f"cli:{args.verdict}:{args.result_uid}:{Verdict.select().count() + 1}",
-                                 kind=args.verdict, state="linked", result_uid=args.result_uid,
-                                 model_uid=job.model_uid, job_id=job.id, source_series_uid=job.group_key,
-                                 reviewer=args.reviewer or "", reason=args.reason or "")
+        row = record_judgement(args.result_uid, args.verdict, reviewer=args.reviewer or "", reason=args.reason or "",
+                               source="cli", audit=AuditLog.from_config(config))
+    except NoSuchResult as exc:
+        raise CliError(str(exc), EXIT_NOT_FOUND) from exc
     finally:
         app.close()
-    AuditLog.from_config(config).record("verdict", kind=args.verdict, state="linked", result_uid=args.result_uid,
-                                        model_uid=row.model_uid, reviewer=args.reviewer, source="cli")
     print(f"{args.verdict}ed result {args.result_uid} of model {row.model_uid}")
     return 0
 

@@ -96,6 +96,7 @@ class Node:
             self.ups = UpsService(self.ctx, audit=self.security.audit)
         self._servers: list[Any] = []
         self._metrics: Any = None
+        self._web: Any = None  # node.web.server.WebServer with [web] enabled
         self._server: Any = None
         self._stopped = threading.Event()
         self.pipeline: Any = None
@@ -227,6 +228,11 @@ class Node:
                                   disk=self.security.diskguard.state)
         if self.config.metrics.enabled:
             self._metrics = metrics.start_metrics_server(self.config.metrics.port, self.config.metrics.bind)
+        if self.config.web.enabled:
+            from node.web.server import WebServer
+
+            self._web = WebServer(self.config, self.app, self.ctx.write_lock, self.security.audit)
+            self._web.start()
         if self.pipeline is not None:
             self.pipeline.start()
         self._start_ups()
@@ -304,6 +310,8 @@ class Node:
             self.pipeline.stop(timeout=10)
         if self._metrics is not None:
             self._metrics.stop()
+        if self._web is not None:
+            self._web.stop()
         self.security.close()
         receive.spares.clear()
         self.app.close()

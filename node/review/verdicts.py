@@ -2,7 +2,8 @@
 
 A row is written in the C-STORE's own transaction (state ``received``) and completed by
 :mod:`node.review.intake` once the object is linked to the result and model it judges, or
-refused with the reason. ``modelnode review`` writes accepted/rejected rows directly.
+refused with the reason. A person's accept or reject from the command line (``modelnode review``)
+or the web console (node.web) is recorded by :func:`record_judgement`, the same way for both.
 Rows are never deleted with the clinical data they point at, and never replace it.
 """
 
@@ -10,11 +11,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import threading
+from contextlib import nullcontext
 from typing import Any
 
 import peewee
 
-from node.storage.db import BaseModel
+from node.ops.audit import AuditLog
+from node.pipeline.jobs import Job
+from node.storage.db import BaseModel, write_transaction
 
 KINDS = ("correction", "accept", "reject")
 # received: stored, not yet linked; linked: judged result and model known (trainable for a
@@ -80,3 +85,40 @@ def all_model_counts() -> dict[str, dict[str, Any]]:
     for r in Verdict.select().where(Verdict.model_uid != ""):
         rows.setdefault(r.model_uid, []).append(r)
     return {uid: counts_of(rs) for uid, rs in rows.items()}
+
+
+class NoSuchResult(LookupError):
+    """The UID is no result this node made."""
+
+
+JUDGEMENTS = ("accept", "reject")
+
+
+def record_judgement(result_uid: str, verdict: str, *, reviewer: str = "", reason: str = "", source: str = "cli",
+                     audit: AuditLog | None = None, lock: threading.Lock | None = None) -> Verdict:
+    """Record a person's accept or reject of a result this node made; returns the row.
+
+    The row is ``linked`` straight away (the result, its job and its model are known here) and
+    audited as ``verdict`` with the reviewer and where it came from (``source``: "cli", "web").
+    ``lock`` is the node's write lock when called inside the node's process (the console); the
+    CLI runs in a process of its own and relies on the database's lock alone.
+    Raises :class:`NoSuchResult` for a UID no job of this node made, ``ValueError`` for a verdict
+    other than accept or reject.
+    """
+    if verdict not in JUDGEMENTS:
+        raise ValueError(f"verdict must be one of {', '.join(JUDGEMENTS)}, got {verdict!r}")
+    # A job's results are a JSON list of UIDs: the LIKE narrows, the exact check decides (one UID
+    # may be a prefix of another).
+    candidates = Job.select().where(Job.results.contains(result_uid)).order_by(Job.id.desc())
+    job = next((j for j in candidates if result_uid in j.result_uids()), None)
+    if job is None:
+        raise NoSuchResult(f"no result {result_uid} made by this node")
+    with lock if lock is not None else nullcontext(), write_transaction():
+        row = Verdict.create(sop_uid=f"{source}:{verdict}:{result_uid}:{Verdict.select().count() + 1}",
+                             kind=verdict, state="linked", result_uid=result_uid,
+                             model_uid=job.model_uid, job_id=job.id, source_series_uid=job.group_key,
+                             reviewer=reviewer or "", reason=reason or "")
+    if audit is not None:
+        audit.record("verdict", kind=verdict, state="linked", result_uid=result_uid, model_uid=row.model_uid,
+                     job_id=job.id, reviewer=reviewer or None, reason=reason or None, source=source)
+    return row
