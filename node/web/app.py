@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.responses import RedirectResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -84,6 +85,7 @@ def routes() -> list[Any]:
         Route("/jobs/{job_id:int}/slice/{k}.png", pages.slice_png, methods=["GET"]),
         Route("/jobs/{job_id:int}/review", pages.review, methods=["POST"]),
         Route("/workitems", pages.workitems, methods=["GET"]),
+        Route("/favicon.ico", lambda request: RedirectResponse("/static/favicon.svg", status_code=301)),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

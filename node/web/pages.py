@@ -143,7 +143,11 @@ def login_form(request: Request) -> Response:
 
 def _login_page(request: Request, error: str, status: int) -> Response:
     c = _console(request)
-    token = secrets.token_urlsafe(32)
+    # Keep a token the browser already has: a second sign-in page (another tab, or a request
+    # for a missing asset sent here) must not invalidate the form already on screen.
+    token = request.cookies.get(LOGIN_COOKIE, "")
+    if not 32 <= len(token) <= 64:
+        token = secrets.token_urlsafe(32)
     resp = c.templates.TemplateResponse(request, "login.html", {
         "csrf": token, "csrf_field": CSRF_FIELD, "error": error, "next": request.query_params.get("next", ""),
         "session": None, "no_users": not c.auth.console_users()}, status_code=status)

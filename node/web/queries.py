@@ -140,6 +140,8 @@ def job_detail(job: Job) -> dict[str, Any]:
     return {
         "job": job_row(job), "study_uid": job.study_uid, "group_key": job.group_key, "attempts": job.attempts,
         "events": [(k, v) for k, v in events if v], "timeline": timeline(job), "timings": job.timing(),
+        # The model ran during the quiet time (node.pipeline.headstart): its stages overlap the wait.
+        "computed_ahead": bool(job.timing().get("computed_ahead")),
         "selection": json.loads(job.selection) if job.selection else [], "exports": exports, "results": results,
     }
 
