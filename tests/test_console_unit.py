@@ -225,3 +225,32 @@ def test_segment_colour_comes_from_the_cielab_value():
     r, g, b = render._colour(item, 1)
     assert abs(r - 0) <= 2 and abs(g - 128) <= 2 and abs(b - 255) <= 2
     assert render._colour(Dataset(), 2) == render.FALLBACK_COLOURS[1]
+
+
+def test_server_beyond_loopback_speaks_https_with_the_nodes_tls_files(tmp_path):
+    import httpx
+    from certs import make_pki
+
+    from node.web.server import WebBindError, WebServer
+
+    pki = make_pki(tmp_path / "pki")
+    cfg = parse_config({"storage": {"data_dir": str(tmp_path / "data")}, "users": USERS,
+                        "tls": {"certificate": str(pki.server_cert), "private_key": str(pki.server_key)},
+                        "web": {"bind": "0.0.0.0", "port": 0}})
+    state = open_app(cfg)
+    server = WebServer(cfg, state, threading.Lock())
+    server.start()
+    try:
+        assert server.tls and server.url.startswith("https://")
+        with httpx.Client(verify=False, timeout=10) as client:  # a CA made for this test only
+            r = client.get(f"https://127.0.0.1:{server.port}/login")
+            assert r.status_code == 200 and "Secure" in r.headers["set-cookie"]
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{server.port}/login", timeout=5)
+        # The same port again: a clear error naming the address, not a thread that ends quietly.
+        taken = parse_config({"storage": {"data_dir": str(tmp_path / "data")}, "web": {"port": server.port}})
+        with pytest.raises(WebBindError, match=f"127.0.0.1:{server.port}"):
+            WebServer(taken, state, threading.Lock()).start()
+    finally:
+        server.stop()
+        state.close()

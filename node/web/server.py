@@ -72,8 +72,9 @@ class WebServer:
                          audit=self.audit, secure_cookies=self.tls)
         tls = {"ssl_certfile": self.config.tls.certificate, "ssl_keyfile": self.config.tls.private_key} if self.tls else {}
         # log_config None: the node's logging stays as configured; access_log off: it prints
-        # query strings (node.web.app.RequestLog logs method, path and status instead).
-        uv = uvicorn.Config(asgi, log_config=None, access_log=False, lifespan="off", server_header=False,
+        # query strings (node.web.app.RequestLog logs method, path and status instead). No
+        # websockets: the console has none, and an unused protocol is only attack surface.
+        uv = uvicorn.Config(asgi, log_config=None, access_log=False, lifespan="off", server_header=False, ws="none",
                             proxy_headers=False, timeout_graceful_shutdown=5, **tls)
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self._server = uvicorn.Server(uv)
