@@ -35,14 +35,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("modelnode.server").critical("refusing to start: %s", exc)
         raise CliError(f"refusing to start: {exc}") from exc
     from node.dimse.server import serve  # late: pynetdicom is only needed by this command
-    from node.web.server import WebBindError
 
     try:
         return serve(cfg)
     except ConfigError as exc:  # TLS files that do not load, keys that do not match
         raise CliError(str(exc), EXIT_INVALID) from exc
-    except WebBindError as exc:
-        raise CliError(str(exc.strerror or exc)) from exc
     except OSError as exc:
         raise CliError(f"cannot listen on {cfg.node.bind}:{cfg.node.port}: {exc.strerror or exc}") from exc
 

@@ -1,8 +1,8 @@
 """The console's HTTP server: uvicorn on a thread of the node's process, started and stopped with it.
 
-The socket is bound here, before uvicorn runs, so that a port in use fails ``modelnode serve``
-at start with the address in the message (:class:`WebBindError`) instead of ending a thread
-quietly. Beyond loopback the console speaks HTTPS only, with the node's ``[tls]`` certificate
+The socket is bound here, before uvicorn runs, so that a port in use is reported with the
+address (:class:`WebBindError`) instead of ending a thread quietly; the node logs it as an error
+and goes on serving DICOM without the console (node.dimse.server). Beyond loopback the console speaks HTTPS only, with the node's ``[tls]`` certificate
 and key (node.config refuses the configuration otherwise).
 """
 
