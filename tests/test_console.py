@@ -271,6 +271,7 @@ def test_jobs_show_png_writes_the_montage(node, tmp_path):
     assert missing.returncode != 0 and "no job 9999" in missing.stderr
 
 
+@pytest.mark.timeout(10)
 def test_screenshots_are_in_the_docs():
     """docs/console.md shows these; refresh with MODELNODE_CONSOLE_SCREENSHOTS=1."""
     names = {p.stem for p in SHOTS.glob("*.png")}

@@ -254,3 +254,25 @@ def test_server_beyond_loopback_speaks_https_with_the_nodes_tls_files(tmp_path):
     finally:
         server.stop()
         state.close()
+
+
+def test_sr_findings_leave_out_the_report_context():
+    from pydicom.dataset import Dataset
+
+    def item(name: str, vt: str, **kw) -> Dataset:
+        ds = Dataset()
+        code = Dataset()
+        code.CodeMeaning = name
+        ds.ConceptNameCodeSequence = [code]
+        ds.ValueType = vt
+        for k, v in kw.items():
+            setattr(ds, k, v)
+        return ds
+
+    finding = Dataset()
+    finding.CodeMeaning = "Chest"
+    group = item("Measurement Group", "CONTAINER", ContentSequence=[
+        item("Algorithm Name", "TEXT", TextValue="m"), item("Finding", "CODE", ConceptCodeSequence=[finding])])
+    sr = Dataset()
+    sr.ContentSequence = [item("Observer Type", "CODE", ConceptCodeSequence=[finding]), group]
+    assert render._findings(sr) == [(0, "Measurement Group", ""), (1, "Finding", "Chest")]

@@ -114,7 +114,10 @@ def record_judgement(result_uid: str, verdict: str, *, reviewer: str = "", reaso
     if job is None:
         raise NoSuchResult(f"no result {result_uid} made by this node")
     with lock if lock is not None else nullcontext(), write_transaction():
-        row = Verdict.create(sop_uid=f"{source}:{verdict}:{result_uid}:{Verdict.select().count() + 1}",
+        # No object carried this verdict: a key of its own, unique by the count (taken inside the
+        # write transaction) and cut to the column's 64 characters (a UID alone may fill them).
+        key = f"{source}:{verdict}:{Verdict.select().count() + 1}:{result_uid}"[:64]
+        row = Verdict.create(sop_uid=key,
                              kind=verdict, state="linked", result_uid=result_uid,
                              model_uid=job.model_uid, job_id=job.id, source_series_uid=job.group_key,
                              reviewer=reviewer or "", reason=reason or "")

@@ -151,10 +151,17 @@ def _findings(ds: Dataset, depth: int = 0, out: list[tuple[int, str, str]] | Non
         elif vt in ("UIDREF", "DATETIME", "DATE", "TIME", "PNAME"):
             value = str(item.get({"UIDREF": "UID", "DATETIME": "DateTime", "DATE": "Date", "TIME": "Time",
                                   "PNAME": "PersonName"}[vt], ""))
+        if str(name) in _SR_CONTEXT or str(name).startswith(("Device Observer", "Algorithm ")):
+            continue  # who and what made the report, the same in every group: not a finding
         if vt != "IMAGE":
             out.append((depth, str(name), value))
         _findings(item, depth + 1, out)
     return out
+
+
+# Report context rather than findings (TID 1500's header, image library, algorithm identification).
+_SR_CONTEXT = frozenset({"Language of Content Item and Descendants", "Observer Type", "Procedure reported",
+                         "Image Library", "Tracking Unique Identifier", "Finding category"})
 
 
 def _source_series(job: Job, seg: Dataset | None) -> str:
