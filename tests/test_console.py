@@ -27,7 +27,7 @@ from node_proc import NodeProcess, query
 from peers import require, run
 from PIL import Image
 
-from models.training.phantoms import ct_truth, write_ct_series
+from models.training.phantoms import ct_truth, write_ct_series, write_radiograph
 from node.security.identity import hash_passcode
 
 pytestmark = [pytest.mark.peers, pytest.mark.slow]
@@ -68,8 +68,11 @@ def node(tmp_path_factory):
     try:
         ct = write_ct_series(workdir / "ct", CT_SEED, slices=CT_SLICES)
         run(["storescu", "-aec", n.ae_title, "127.0.0.1", str(n.port), *map(str, ct)], timeout=120)
-        _wait(lambda: query(n, "SELECT id FROM job WHERE state IN ('done', 'exported') AND results != '[]'"),
-              120, "the SEG job", n)
+        # A chest radiograph too: its job makes an SR, whose findings the viewer shows.
+        xr = write_radiograph(workdir / "xr" / "chest.dcm", 4711, "chest", modality="DX")
+        run(["storescu", "-aec", n.ae_title, "127.0.0.1", str(n.port), str(xr)], timeout=60)
+        _wait(lambda: len(query(n, "SELECT id FROM job WHERE state IN ('done', 'exported') AND results != '[]'")) == 2,
+              120, "the SEG and SR jobs", n)
         yield n
     finally:
         n.stop()
@@ -113,8 +116,8 @@ def _shot(driver, name: str) -> None:
         driver.save_screenshot(str(SHOTS / f"{name}.png"))
 
 
-def _job_id(node: NodeProcess) -> int:
-    [(job_id,)] = query(node, "SELECT id FROM job WHERE results != '[]'")
+def _job_id(node: NodeProcess, model: str = "modelnode-lung-unet") -> int:
+    [(job_id,)] = query(node, "SELECT id FROM job WHERE results != '[]' AND model_name = ?", model)
     return job_id
 
 
@@ -181,6 +184,19 @@ def test_viewer_overlay_falls_inside_the_lung_truth(node, browser):
     grey = np.asarray(Image.open(io.BytesIO(plain.content)).convert("RGB")).astype(int)
     assert not ((grey[..., 0] != grey[..., 1]) | (grey[..., 1] != grey[..., 2])).any(), "segments=none still coloured"
     _shot(browser, "viewer")
+
+
+@pytest.mark.timeout(60)
+def test_viewer_shows_the_sr_findings_beside_the_radiograph(node, browser):
+    browser.get(f"{node.web_url}/jobs/{_job_id(node, 'modelnode-bodypart-cnn')}/view")
+    findings = _element(browser, "id", "findings").text
+    assert "Finding: Chest" in findings and "Present" in findings
+    assert "Device Observer" not in findings
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    img = browser.find_element("id", "slice")
+    WebDriverWait(browser, 10).until(lambda _: int(img.get_attribute("naturalWidth") or 0) > 0)  # the PNG decoded
+    _shot(browser, "viewer-sr")
 
 
 @pytest.mark.timeout(60)

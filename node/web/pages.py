@@ -282,7 +282,9 @@ def viewer(request: Request, session: Session) -> dict[str, Any]:
         return ",".join(map(str, sorted(now))) or "none"
     masked = set(images.slices_with_mask())
     return {"template": "viewer.html", "images": images, "k": k, "wl": wl, "shown": shown, "seg_param": seg_param,
-            "url": url, "toggled": toggled, "windows": list(render.WINDOWS), "masked": masked,
+            "url": url, "toggled": toggled, "masked": masked,
+            # The presets are Hounsfield units: offered for CT only (a radiograph has its own window).
+            "windows": list(render.WINDOWS) if images.modality == "CT" else ["auto"],
             "d": queries.job_detail(_job(job_id)), "can_review": session.user.can(REVIEW),
             "judgements": JUDGEMENTS, "nav": "jobs",
             "png": f"/jobs/{job_id}/slice/{k}.png?" + urlencode({"wl": wl, "segments": seg_param})}
