@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,7 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "docs" / "console"
+LUNG = ROOT / "models" / "reference" / "lung_unet.dcm"
 CT_SEED, CT_SLICES = 9001, 24
 REVIEWER, PASSCODE = "doe.jane", "lungs-are-pink"
 READER, READER_PASSCODE = "ro.reader", "look-only"
@@ -73,9 +75,26 @@ def node(tmp_path_factory):
         run(["storescu", "-aec", n.ae_title, "127.0.0.1", str(n.port), str(xr)], timeout=60)
         _wait(lambda: len(query(n, "SELECT id FROM job WHERE state IN ('done', 'exported') AND results != '[]'")) == 2,
               120, "the SEG and SR jobs", n)
+        _add_derived_version(n, workdir / "lung_1.1.0.dcm")
         yield n
     finally:
         n.stop()
+
+
+def _add_derived_version(node: NodeProcess, path: Path) -> None:
+    """A version 1.1.0 of the lung model naming 1.0.0 as its parent: the lineage has two boxes.
+
+    Added after the jobs ran, so that it takes no part in their selection.
+    """
+    from iods import model_object as mo
+
+    ds = mo.read_file(LUNG)
+    onnx, card = mo.decode(ds)
+    card = replace(card, identity=replace(card.identity, version="1.1.0", uid=""),
+                   provenance=replace(card.provenance, parent_uid=str(ds.SOPInstanceUID)))
+    mo.write(mo.encode(onnx, card), path)
+    res = node.cli("models", "add", str(path))
+    assert res.returncode == 0, res.stderr
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +234,9 @@ def test_accept_click_is_stored_as_a_verdict_and_audited(node, browser):
     [(model_uid,)] = query(node, "SELECT model_uid FROM job WHERE id = ?", job_id)
     browser.get(f"{node.web_url}/models/{model_uid}")
     assert _element(browser, "id", "accepted").text == "1"
-    assert browser.find_element("css selector", "svg.lineage")
+    lineage = browser.find_element("css selector", "svg.lineage")
+    assert len(lineage.find_elements("css selector", "rect")) == 2  # 1.0.0 and the derived 1.1.0
+    assert lineage.find_elements("css selector", "path.edge")
     _shot(browser, "model")
     browser.get(f"{node.web_url}/models")
     _element(browser, "css selector", "table.models")
