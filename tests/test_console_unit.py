@@ -7,6 +7,7 @@ the [web] configuration checks, the lineage picture and the overlay renderer.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import warnings
 
@@ -276,3 +277,22 @@ def test_sr_findings_leave_out_the_report_context():
     sr = Dataset()
     sr.ContentSequence = [item("Observer Type", "CODE", ConceptCodeSequence=[finding]), group]
     assert render._findings(sr) == [(0, "Measurement Group", ""), (1, "Finding", "Chest")]
+
+
+@pytest.mark.timeout(30)
+def test_a_console_nobody_can_sign_in_to_says_so_at_start(tmp_path, caplog):
+    from node.web.server import WebServer
+
+    for users, warned in (([], True), (USERS, False)):
+        cfg = parse_config({"storage": {"data_dir": str(tmp_path / "data")}, "users": users, "web": {"port": 0}})
+        state = open_app(cfg)
+        server = WebServer(cfg, state, threading.Lock())
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="modelnode.web"):
+            server.start()
+        try:
+            said = [r.getMessage() for r in caplog.records if r.name == "modelnode.web"]
+            assert any("nobody can sign in" in m for m in said) is warned, said
+        finally:
+            server.stop()
+            state.close()

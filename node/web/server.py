@@ -90,6 +90,12 @@ class WebServer:
             self.stop()
             raise WebBindError(0, f"web console on {w.bind}:{w.port} did not start (see the log above)")
         log.info("web console on %s", self.url)
+        if not any("console" in u.permissions for u in self.config.users):
+            # The console is on by default; without this line a newcomer meets a login page no
+            # one can pass and nothing that says why.
+            log.warning("no [[users]] entry has the console permission, so nobody can sign in to the console: "
+                        "add one (passcode_hash from `modelnode config hash-passcode`, permissions "
+                        "[\"console\", \"review\"]; docs/console.md)")
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._server is not None:
