@@ -8,7 +8,8 @@ field whose key names one (node.ops.logsetup.PHI_KEYS) is dropped on the way in.
 
 Events (docs/operations.md): association-accepted, association-rejected, identity-rejected,
 model-stored, model-replaced, model-removed, model-retrieved, images-stored (one summary per
-association), selection, result-exported, workitem (a UPS workitem created or changing state).
+association), selection, selection-contradiction, result-exported, workitem (a UPS workitem
+created or changing state), verdict, model-federated, console-login.
 
 Why a file of its own rather than the journal: the audit trail must outlive log rotation and
 rate limiting, be read by tools that are not journalctl, and be made append-only by the file
