@@ -33,6 +33,8 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from node.dimse.compat.reactor import install_checkpoint
+
 UPS_CLASSES = (UnifiedProcedureStepPush, UnifiedProcedureStepPull, UnifiedProcedureStepWatch,
                UnifiedProcedureStepQuery, Verification)
 GLOBAL = UPSGlobalSubscriptionInstance
@@ -120,6 +122,10 @@ class UpsPeer:
         return 0x0000, None
 
     def __enter__(self) -> UpsPeer:
+        # pynetdicom 3.0.4 can let its association reactor take a response that a send_* made
+        # right after another one waits for (no response, 30 s later): the node's fix, in this
+        # process too (node.dimse.compat.reactor._ReactorCheckpoint; nothing else is patched).
+        install_checkpoint()
         ae = AE(ae_title=self.ae_title)
         ae.add_supported_context(UnifiedProcedureStepEvent)
         ae.add_supported_context(Verification)

@@ -4,7 +4,7 @@ modelnode replaces or reads private names of pynetdicom for speed and for behavi
 does not offer. Each module here holds one such concern:
 
 * :mod:`.reactor`: the DUL and association reactors (waits instead of 1 ms polls, a PDU read in
-  one buffer, P-DATA straight to the DIMSE layer);
+  one buffer, P-DATA straight to the DIMSE layer, a reactor pause that holds);
 * :mod:`.store_messages`: C-STORE-RQ decoded and C-STORE-RSP encoded by hand, served on the
   thread that received it;
 * :mod:`.find_responses`: C-FIND responses whose identifiers the handler encoded, their command

@@ -20,9 +20,15 @@ def install_client() -> None:
     With ``_config.STORE_SEND_CHUNKED_DATASET`` set, ``send_c_store`` given a *path* streams the
     file's dataset bytes after its File Meta instead of re-encoding a Dataset. It only affects
     calls that pass a path, which in this code base are all made by send_file.
+
+    Also the reactor checkpoint that keeps a request's response from the association reactor
+    (:class:`node.dimse.compat.reactor._ReactorCheckpoint`).
     """
+    from node.dimse.compat.reactor import install_checkpoint
+
     check()
     _config.STORE_SEND_CHUNKED_DATASET = True
+    install_checkpoint()
 
 
 def daemon_dul(event: Any) -> None:

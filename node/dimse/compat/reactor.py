@@ -5,6 +5,8 @@ association reactor runs the DIMSE services. Both poll, and every PDU read goes 
 layers of objects and events. :func:`install` replaces a few of their functions, each one a
 drop-in with the library's contract:
 
+* :class:`_ReactorCheckpoint`: a send_* pauses the association reactor for certain (pynetdicom
+  let a request run with the reactor still going, which could take its response);
 * :class:`_ReactorClock`: each reactor sleeps until what it waits for happens instead of
   polling in 1 ms steps; :func:`_send_pdu` wakes the DUL reactor when there is a PDU to send;
 * :func:`_process_recv_primitive`: what the peer sent is read before more is sent (C-CANCEL);
@@ -111,6 +113,11 @@ def _association_wait(assoc: Association, seconds: float) -> None:
     with queue.not_empty:
         if not queue._qsize() and not indications.qsize() and not assoc._kill:
             queue.not_empty.wait(seconds)
+        if queue._qsize():
+            # ``Queue.put`` wakes one waiter, and this one only looks: pass the wake-up on, or a
+            # thread blocked in ``get_msg(block=True)`` (a send_* waiting for its response) sleeps
+            # out its DIMSE timeout with the response in the queue.
+            queue.not_empty.notify()
 
 
 class _IndicationQueue(_queue.Queue):  # type: ignore[type-arg]
@@ -124,6 +131,81 @@ class _IndicationQueue(_queue.Queue):  # type: ignore[type-arg]
         if wake is not None:
             with wake:
                 wake.notify_all()
+
+
+class _ReactorCheckpoint:
+    """``Association._reactor_checkpoint`` (a ``threading.Event`` in pynetdicom), without its race.
+
+    Every send_* (and release) pauses the association reactor so that it cannot take the
+    response off the DIMSE queue: it clears the checkpoint and spins until ``_is_paused``; the
+    reactor sets ``_is_paused``, waits on the checkpoint, then clears ``_is_paused``. But the
+    flag stays True from the previous pause until the reactor thread has actually run after
+    being woken: a send_* right after another one (the N-GET after a C-FIND's last response,
+    the N-ACTION after the N-GET) that clears the checkpoint before the woken thread got the
+    CPU reads that stale True and goes on. An Event's ``wait`` returns once notified even if
+    the flag was cleared again, so the reactor then runs unpaused during the request and
+    either takes the response itself ("Received unexpected N-GET service message", the send_*
+    gets none: DIMSE timeout), or waits in :func:`_association_wait` on the DIMSE queue and
+    takes the one wake-up of its ``put`` (the send_* sees its response only at its timeout).
+    tests/test_ups_scp.py's requestor lost its N-GET response the first way on a loaded
+    machine (1 run in 23; pydicom/pynetdicom#875 reports the same warning).
+
+    Here the reactor thread's ``wait`` returns only while the flag is still set, and clears
+    ``_is_paused`` under the same lock, so a ``clear`` either comes first (the reactor keeps
+    waiting, paused) or sees ``_is_paused`` False (and the send_* waits for the next pause).
+    ``clear`` called on the reactor thread itself (an event handler's send_*, the release after
+    a network timeout) marks it paused: it is not running its loop while it makes the request.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        self._assoc = assoc
+        self._cond = threading.Condition()
+        self._flag = True
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with self._cond:
+            self._flag = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._flag = False
+            if threading.current_thread() is self._assoc:
+                self._assoc._is_paused = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            if threading.current_thread() is not self._assoc:
+                return self._cond.wait_for(lambda: self._flag, timeout)
+            self._assoc._is_paused = True
+            if not self._cond.wait_for(lambda: self._flag, timeout):
+                return False
+            self._assoc._is_paused = False
+            return True
+
+
+_library_association_init = Association.__init__
+
+
+def _association_init(self: Association, *args: Any, **kwargs: Any) -> None:
+    _library_association_init(self, *args, **kwargs)
+    self._reactor_checkpoint = _ReactorCheckpoint(self)  # type: ignore[assignment]
+
+
+def install_checkpoint() -> None:
+    """Give every new association a :class:`_ReactorCheckpoint` (idempotent, process-wide).
+
+    Installed by :func:`install` (a node) and :func:`node.dimse.compat.client.install_client`
+    (the node's SCU commands); a process that only requests (a test's pynetdicom peer) may call
+    it alone: it changes nothing else of pynetdicom.
+    """
+    from node.dimse.compat.guard import check
+
+    check()
+    Association.__init__ = _association_init  # type: ignore[method-assign]
 
 
 # One wake-up pipe per DUL (association), kept here rather than on pynetdicom's object.
@@ -387,6 +469,7 @@ def install() -> None:
     """Replace the reactor functions described above (idempotent)."""
     from pynetdicom import association, dul
 
+    install_checkpoint()
     AssociationSocket.recv = _recv  # type: ignore[method-assign]
     DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
     if not isinstance(dul.time, _ReactorClock):
