@@ -159,6 +159,14 @@ def test_unrelated_anatomy_is_rejected_with_the_reason():
 
 
 @pytest.mark.timeout(60)
+def test_min_anatomy_zero_admits_unrelated_anatomy_with_no_anatomy_points():
+    sel = rank(series("CT", BodyPartExamined="KNEE"), models("ct-lung"), SelectionSection(min_anatomy=0.0))
+    assert sel.suitable and first(sel) == "ct-lung"
+    assert rule_points(sel, "ct-lung", "anatomy") == 0
+    assert "nothing in common" in sel.explain()
+
+
+@pytest.mark.timeout(60)
 def test_no_anatomy_at_all_is_no_suitable_model():
     sel = rank(series("CT"), models("ct-lung"))
     assert not sel.suitable
@@ -376,8 +384,6 @@ def test_the_index_gives_the_ranking_of_every_model(min_anatomy):
     for rules in rule_sets:
         settings = SelectionSection(min_anatomy=min_anatomy, rules=rules)
         for facts in _facts_to_try():
-            if min_anatomy == 0.0 and facts.anatomy:
-                continue  # (at 0, select() fails on a model whose anatomy is unrelated, index or not)
             every = select(facts, lib, settings)
             candidates = idx.candidates(facts, min_anatomy)
             indexed = select(facts, candidates, settings)

@@ -423,10 +423,16 @@ def select(
         if reasons:
             rejected.append(Rejection(uid, ident.name, ident.version, tuple(reasons)))
             continue
-        m, (code, meaning) = pair
-        cand.add("anatomy", ANATOMY_POINTS * weighted,
-                 f"{relation}: series {m.region.meaning} (from {m.source} {m.text!r}, confidence {m.confidence:.2f}) "
-                 f"vs model {meaning}, similarity {sim:.2f}")
+        if pair is None:
+            # Only with min_anatomy 0, which admits a model whose regions share nothing with the series'.
+            seen = ", ".join(f"{m.region.meaning}" for m in facts.anatomy[:3])
+            cand.add("anatomy", 0.0, f"unrelated: series {seen} and the model's regions have nothing in common "
+                                     f"(admitted by min_anatomy {settings.min_anatomy:g})")
+        else:
+            m, (code, meaning) = pair
+            cand.add("anatomy", ANATOMY_POINTS * weighted,
+                     f"{relation}: series {m.region.meaning} (from {m.source} {m.text!r}, confidence "
+                     f"{m.confidence:.2f}) vs model {meaning}, similarity {sim:.2f}")
         if requested:
             hits = _finding_matches(card.target.findings, facts)
             if hits:
