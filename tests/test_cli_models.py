@@ -143,3 +143,22 @@ def test_repair_refusals_have_the_usual_exit_codes_and_write_nothing(tmp_path, f
     modelnode("models", "repair", str(tmp_path / "missing.dcm"), "-o", str(out), data_dir=data, check_rc=4)
     modelnode("models", "repair", str(old), data_dir=data, check_rc=2)  # -o is required
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+def test_add_reference_registers_the_shipped_models_in_a_registry_that_holds_others(tmp_path, files):
+    """An upgraded node: its registry is not new, so serve adds no reference model; --reference does."""
+    from node.storage.registry import reference_model_files
+
+    onnx_path, card = files
+    data = tmp_path / "data"
+    modelnode("models", "add", str(onnx_path), "--card", str(card), data_dir=data)
+    shipped = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in reference_model_files()}
+    res = modelnode("models", "add", "--reference", data_dir=data)
+    assert res.stdout.count(" added") == len(shipped), res.stdout
+    listed = {m["uid"] for m in json.loads(modelnode("models", "list", "--json", data_dir=data).stdout)}
+    assert shipped < listed and len(listed) == len(shipped) + 1
+    again = modelnode("models", "add", "--reference", data_dir=data)
+    assert again.stdout.count("already present, unchanged") == len(shipped)
+    modelnode("models", "add", "--reference", str(onnx_path), data_dir=data, check_rc=2)
+    modelnode("models", "add", data_dir=data, check_rc=2)

@@ -17,6 +17,7 @@ from node.cli.common import (
     EXIT_CONFLICT,
     EXIT_INVALID,
     EXIT_NOT_FOUND,
+    EXIT_USAGE,
     CliError,
     config_from_args,
     progress_bar,
@@ -98,6 +99,10 @@ def _open_app(args: argparse.Namespace):
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    if args.reference:
+        return _add_reference(args)
+    if not args.file:
+        raise CliError("name a FILE.dcm or MODEL.onnx, or --reference for the shipped reference models", EXIT_USAGE)
     src = _existing(args.file)
     app = _open_app(args)
     try:
@@ -119,6 +124,31 @@ def cmd_add(args: argparse.Namespace) -> int:
         app.close()
     state = "added" if new else "already present, unchanged"
     print(f"{record.name} {record.version} ({record.uid}) {state}")
+    return 0
+
+
+def _add_reference(args: argparse.Namespace) -> int:
+    """Register the reference models shipped in the package, whatever the registry holds.
+
+    ``modelnode serve`` registers them only on a new registry, so an upgraded node does not get a
+    reference model added in a later release: this is how an administrator asks for them.
+    """
+    from node.storage.registry import REFERENCE_SOURCE, reference_model_files
+
+    if args.file or args.card:
+        raise CliError("--reference takes no FILE or --card: it adds the models shipped with modelnode", EXIT_USAGE)
+    files = reference_model_files()
+    if not files:
+        raise CliError("this installation ships no reference models", EXIT_NOT_FOUND)
+    app = _open_app(args)
+    try:
+        with _refusals():
+            for path in files:
+                with progress_bar(path.stat().st_size, f"verifying {path.name}") as progress:
+                    record, new = app.registry.add_file(path, source=REFERENCE_SOURCE, progress=progress)
+                print(f"{record.name} {record.version} ({record.uid}) {'added' if new else 'already present, unchanged'}")
+    finally:
+        app.close()
     return 0
 
 
@@ -267,8 +297,10 @@ def register(sub: Any) -> None:
     sp = add("add", cmd_add, "add a model object (or an ONNX file with --card) to the local registry",
              "Verify and register a model in the node's registry (the data directory of the configuration). "
              "Adding the same model twice is a no-op; the same UID with other content is refused (exit 5).")
-    sp.add_argument("file", metavar="FILE.dcm|MODEL.onnx")
+    sp.add_argument("file", metavar="FILE.dcm|MODEL.onnx", nargs="?")
     sp.add_argument("--card", metavar="CARD.toml", help="card for an .onnx file")
+    sp.add_argument("--reference", action="store_true",
+                    help="add the reference models shipped with modelnode (serve adds them only to a new registry)")
 
     sp = add("list", cmd_list, "list registered models", "List registered models; filters combine with AND.")
     sp.add_argument("--name", help="name contains (or glob with *)")
