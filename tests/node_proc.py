@@ -10,7 +10,7 @@ The configuration is written to ``<workdir>/modelnode.toml`` (extra TOML section
 
 The registry starts empty: ``[models] register_reference = false``, because most tests state
 which models they have (and count what C-FIND, the index or the selection return). Registering
-the two reference models at a first start costs about 40 ms; ``reference_models=True`` starts
+the three reference models at a first start costs about 40 ms; ``reference_models=True`` starts
 the node as a user's first ``modelnode serve`` does, with them registered.
 The process is stopped by its own pid (SIGTERM, then SIGKILL); :meth:`NodeProcess.kill` sends
 SIGKILL straight away for crash tests, and :meth:`NodeProcess.restart` starts it again on the same
