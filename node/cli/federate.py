@@ -18,7 +18,6 @@ import argparse
 import datetime as _dt
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from node.cli.common import (
     CliError,
     config_from_args,
 )
-from node.cli.learning import find_model
+from node.cli.learning import find_model, pack_version
 
 
 def _training():
@@ -101,7 +100,6 @@ def _min_clients(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydicom.uid import generate_uid
 
-    from iods import model_object
     from iods.card import parse_card
     from node.ops.audit import AuditLog
     from node.scu import client as scu
@@ -153,13 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "seed": 20261203,
     }
     new_card = parse_card(data)
-    out_dir = config.data_dir / "federated"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{new_card.identity.uid}.dcm"
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        onnx_path.write_bytes(new_onnx)
-        model_object.pack_file(onnx_path, new_card, out)
+    out = pack_version(config, "federated", new_card, new_onnx)
     sent = {}
     for target in args.send or []:
         peer = scu.Address.parse(target)

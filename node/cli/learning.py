@@ -104,18 +104,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "seed": 20261203,
     }
     new_card = parse_card(data)
-    out_dir = config.data_dir / "candidates"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{new_card.identity.uid}.dcm"
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        onnx_path.write_bytes(result.onnx_bytes)
-        model_object.pack_file(onnx_path, new_card, out)
+    out = pack_version(config, "candidates", new_card, result.onnx_bytes)
     report.update({"uid": new_card.identity.uid, "version": new_card.identity.version, "candidate": str(out)})
     audit.record("model-finetuned", model_uid=new_card.identity.uid, parent_uid=parent.uid,
                  cases_train=len(train), cases_heldout=len(held), before=result.before, after=result.after)
     _print(report, args.json)
     return 0
+
+
+def pack_version(config: Any, folder: str, card: Any, onnx_bytes: bytes) -> Path:
+    """A trained version packed as ``<data_dir>/<folder>/<UID>.dcm`` (``models finetune``:
+    candidates awaiting approval; ``federate serve``: the aggregate it sends)."""
+    from iods import model_object
+
+    out_dir = config.data_dir / folder
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{card.identity.uid}.dcm"
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        onnx_path.write_bytes(onnx_bytes)
+        model_object.pack_file(onnx_path, card, out)
+    return out
 
 
 def _print(report: dict, as_json: bool) -> None:
